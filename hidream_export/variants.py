@@ -1,0 +1,114 @@
+"""The three HiDream-I1 variants: the one place their sampling recipes and export ranges live.
+
+Every command (export, build, generate) and the runtime read these; nothing else hard-codes steps,
+guidance, shifts or batch factors. Values from the spec, section 7 (official inference.py and the
+scheduler configs shipped in the HiDream-I1 model folders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# HiDream pipelines rescale every request to about one megapixel (1024^2), in multiples of 16 px.
+TARGET_AREA = 1024 * 1024
+SIZE_MULTIPLE = 16
+VAE_SCALE = 8  # pixels per latent cell
+TEXT_LENGTH = 128  # tokens, every text encoder
+
+# Recommended sizes (official inference.py), as (width, height).
+RECOMMENDED_SIZES = ((1024, 1024), (768, 1360), (1360, 768), (880, 1168), (1168, 880), (1248, 832), (832, 1248))
+
+
+@dataclass(frozen=True)
+class SizeRange:
+    """Pixel sizes an export serves: each side in [min_side, max_side], multiples of SIZE_MULTIPLE."""
+
+    min_side: int
+    max_side: int
+    opt: tuple[int, int]  # (width, height) the TensorRT profile optimises for
+
+    def check(self, width: int, height: int) -> None:
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, int) or v % SIZE_MULTIPLE:
+                raise ValueError(f"{name}={v!r} must be an integer multiple of {SIZE_MULTIPLE}")
+            if not self.min_side <= v <= self.max_side:
+                raise ValueError(
+                    f"{name}={v} is outside the exported range {self.min_side}..{self.max_side} px "
+                    f"(each side, multiples of {SIZE_MULTIPLE})")
+
+    def to_dict(self) -> dict:
+        return {"min_side": self.min_side, "max_side": self.max_side, "opt": list(self.opt)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SizeRange":
+        return cls(int(d["min_side"]), int(d["max_side"]), tuple(int(v) for v in d["opt"]))
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    steps: int
+    guidance_scale: float
+    shift: float
+    scheduler: str  # "flow_unipc" (Full) or "flash_flow_euler" (Dev, Fast)
+    diffusers_scheduler: str  # class named in the HF model folder's scheduler_config.json
+    timestep_dtype: str  # what the transformer is fed: int64 (UniPC truncates) or float32
+    # Real-model pixel range; scaled for smaller configs by size_range_for().
+    size_range: SizeRange = SizeRange(512, 1360, (1024, 1024))
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def cfg_batch_factor(self) -> int:
+        """Transformer batch per image: CFG feeds [negative, positive]."""
+        return 2 if self.uses_cfg else 1
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "steps": self.steps, "guidance_scale": self.guidance_scale, "shift": self.shift,
+            "scheduler": self.scheduler, "diffusers_scheduler": self.diffusers_scheduler,
+            "timestep_dtype": self.timestep_dtype, "cfg_batch_factor": self.cfg_batch_factor,
+            "size_range": self.size_range.to_dict(),
+        }
+
+
+VARIANTS: dict[str, Variant] = {
+    "full": Variant("full", 50, 5.0, 3.0, "flow_unipc", "UniPCMultistepScheduler", "int64"),
+    "dev": Variant("dev", 28, 0.0, 6.0, "flash_flow_euler", "FlowMatchLCMScheduler", "float32"),
+    "fast": Variant("fast", 16, 0.0, 3.0, "flash_flow_euler", "FlowMatchLCMScheduler", "float32"),
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}") from None
+
+
+def size_range_for(variant: Variant, max_resolution: tuple[int, int]) -> SizeRange:
+    """The variant's pixel range, scaled to a model whose trained latent grid is `max_resolution`
+    (the real model's is 128x128 latents = 1024 px; tiny test models are smaller)."""
+    scale = max(max_resolution) / 128
+    if scale == 1:
+        return variant.size_range
+
+    def px(v: float) -> int:
+        return max(SIZE_MULTIPLE, int(round(v * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+
+    r = variant.size_range
+    return SizeRange(px(r.min_side), px(r.max_side), (px(r.opt[0]), px(r.opt[1])))
+
+
+def default_size(target_area: int = TARGET_AREA, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """HiDream's size rule: rescale (width, height) to about `target_area` pixels, floor to multiples of 16.
+
+    Same arithmetic as the reference pipelines: scale = sqrt(area / (W*H)), side = int(side*scale // 16 * 16).
+    """
+    side = int(round(target_area ** 0.5))
+    width = width or side
+    height = height or side
+    scale = (target_area / (width * height)) ** 0.5
+    return int(width * scale // SIZE_MULTIPLE * SIZE_MULTIPLE), int(height * scale // SIZE_MULTIPLE * SIZE_MULTIPLE)

@@ -1,0 +1,136 @@
+"""HiDream's feed-forward layers: the SwiGLU expert and the routed Mixture-of-Experts.
+
+Routing (as in the official model, "modified from DeepSeek-V3"): softmax over the expert logits, top-k
+(k=2 of 4), weights NOT renormalised, plus a shared expert that every token always goes through.
+
+The official inference path (`moe_infer`) reads per-expert token counts on the host (`.cpu()`), which
+breaks tracing and bakes one input's routing into an exported graph. Here the routed part has
+interchangeable lowerings with identical maths, chosen by `MoEFeedForward.lowering`:
+
+- "reference": official summation semantics without any host sync: a zero buffer, then for each expert
+  in ascending order `+= expert(x) * weight` (weight 0 for tokens that did not pick it). Each expert runs
+  on every token, so it is bit-compatible with `moe_infer` but costs E/k of the routed FLOPs.
+- "dense": every expert on every token, stacked (T, E, D) and combined with a (T, E) weight matrix that
+  is zero outside the top-k. Static shapes; the export fallback.
+- "gather": per expert, gather the tokens that picked it, run the expert on those rows only, and scatter
+  the weighted result back (one plain scatter per expert into zeros, then an add: no scatter-reduction,
+  which TensorRT rejects). Exact FLOPs; data-dependent row counts.
+
+Later issues add "triton" (grouped-GEMM kernels) and the ONNX `plugin` node; they register here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MOE_LOWERINGS = ("reference", "dense", "gather")
+
+# Extra lowerings registered by other modules (name -> fn(moe_module, x_flat, topk_idx, topk_weight)).
+EXTRA_LOWERINGS: dict[str, Callable] = {}
+
+
+class SwiGLU(nn.Module):
+    """w2(SiLU(w1 x) * w3 x), bias-free."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoEGate(nn.Module):
+    """Softmax router; computed in the activation dtype like the official model."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.normal_(self.weight, std=dim ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T, D) -> (topk_idx (T, k) int64, topk_weight (T, k))."""
+        scores = F.linear(x, self.weight).softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return topk_idx, topk_weight
+
+
+def routing_weight_matrix(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(T, k) routing -> (T, E) weights, zero outside the top-k (Equal/Where/ReduceSum only)."""
+    experts = torch.arange(num_experts, device=topk_idx.device)
+    hit = topk_idx[..., None] == experts  # (T, k, E)
+    return torch.where(hit, topk_weight[..., None], torch.zeros_like(topk_weight[..., None])).sum(dim=1)
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, shared_hidden: int, num_experts: int, top_k: int,
+                 lowering: str = "reference"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.shared_experts = SwiGLU(dim, shared_hidden)
+        self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(num_experts))
+        self.gate = MoEGate(dim, num_experts, top_k)
+        self.lowering = lowering
+
+    @property
+    def lowering(self) -> str:
+        return self._lowering
+
+    @lowering.setter
+    def lowering(self, value: str) -> None:
+        if value not in MOE_LOWERINGS and value not in EXTRA_LOWERINGS:
+            raise ValueError(
+                f"moe_lowering must be one of {list(MOE_LOWERINGS) + sorted(EXTRA_LOWERINGS)}, got {value!r}")
+        self._lowering = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        topk_idx, topk_weight = self.gate(flat)
+        if self._lowering == "reference":
+            routed = self._reference(flat, topk_idx, topk_weight)
+        elif self._lowering == "dense":
+            routed = self._dense(flat, topk_idx, topk_weight)
+        elif self._lowering == "gather":
+            routed = self._gather(flat, topk_idx, topk_weight)
+        else:
+            routed = EXTRA_LOWERINGS[self._lowering](self, flat, topk_idx, topk_weight)
+        return routed.reshape(shape) + self.shared_experts(x)
+
+    def _reference(self, x, topk_idx, topk_weight):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            weight = torch.where(topk_idx == e, topk_weight, torch.zeros_like(topk_weight)).sum(-1, keepdim=True)
+            out = out + expert(x) * weight
+        return out
+
+    def _dense(self, x, topk_idx, topk_weight):
+        weights = routing_weight_matrix(topk_idx, topk_weight, self.num_experts)  # (T, E)
+        outs = torch.stack([expert(x) for expert in self.experts], dim=1)  # (T, E, D)
+        return (outs * weights[..., None]).sum(dim=1)
+
+    def _gather(self, x, topk_idx, topk_weight):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            picked = topk_idx == e  # (T, k); a token picks an expert at most once
+            tokens, slots = torch.nonzero(picked, as_tuple=True)
+            rows = expert(x[tokens]) * topk_weight[tokens, slots][:, None]
+            # Plain scatter (indices are unique within one expert) into zeros, then add: the same
+            # ascending-expert summation as the official code, without a scatter-reduction.
+            out = out + torch.zeros_like(x).index_put((tokens,), rows)
+        return out
+
+    # Stacked weights in TensorRT's MoE layout: gate/up (E, D, I), down (E, I, D).
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w1 = torch.stack([e.w1.weight.t() for e in self.experts])
+        w3 = torch.stack([e.w3.weight.t() for e in self.experts])
+        w2 = torch.stack([e.w2.weight.t() for e in self.experts])
+        return w1, w3, w2
