@@ -1,0 +1,75 @@
+"""Random-weight checkpoints in the exact on-disk layout of the real HiDream-I1 ones.
+
+Tests and the README's demo never download anything: they run on folders written here. Tensors are
+generated one key at a time (seeded per key), so even the real 17B layout can be written while holding
+only one shard in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from hidream_export.model.checkpoint import expected_shapes, save_transformer
+from hidream_export.model.config import TransformerConfig, resolve_config
+
+# The real checkpoint ships as 7 shards (~5 GB each); smaller presets use this shard size when sharded.
+REAL_SHARD_BYTES = 5 * 10**9
+
+
+def _key_generator(seed: int, key: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def random_tensor(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """A plausible random value for a transformer weight: norms at 1, small biases, fan-in scaled weights.
+
+    Biases are non-zero on purpose: the padding tokens of non-square inputs are the patch-embed bias, and
+    a zero bias would hide mistakes in that path."""
+    gen = _key_generator(seed, key)
+    if key.endswith("rms_norm.weight") or key.endswith("rms_norm_t.weight"):
+        return (1 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+    if len(shape) == 1:
+        return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+    fan_in = shape[-1]
+    return (torch.randn(shape, generator=gen) / math.sqrt(fan_in)).to(dtype)
+
+
+def random_state(config: TransformerConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, shape in expected_shapes(config).items():
+        yield key, random_tensor(key, shape, seed, dtype)
+
+
+def write_transformer(out_dir: str | Path, config: "TransformerConfig | str" = "tiny", seed: int = 0,
+                      dtype: torch.dtype = torch.float32, shards: int | None = None,
+                      single_file: bool = False) -> Path:
+    """Write `out_dir` as a diffusers `transformer/` folder (or, with single_file, one .safetensors file
+    with the `model.diffusion_model.` prefix, ComfyUI style). `shards=n` splits into about n shards with
+    an index file, like the real checkpoint (7 shards)."""
+    config = resolve_config(config)
+    shapes = expected_shapes(config)
+    if single_file:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_file({f"model.diffusion_model.{k}": v for k, v in random_state(config, seed, dtype)}, tmp)
+        tmp.replace(out)
+        return out
+    shard_of = None
+    if shards and shards > 1:
+        # Cut by byte offset so the folder has exactly `shards` files of about equal size.
+        sizes = {k: math.prod(s) for k, s in shapes.items()}
+        total, start, shard_of = sum(sizes.values()), 0, {}
+        for key, size in sizes.items():
+            shard_of[key] = min(shards - 1, start * shards // total)
+            start += size
+    return save_transformer(random_state(config, seed, dtype), config, out_dir, shard_of=shard_of,
+                            metadata={"generator": "hidream-export random weights", "seed": str(seed)})
