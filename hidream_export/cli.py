@@ -15,6 +15,38 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from hidream_export.export.transformer import export_transformer
+
+    entry = export_transformer(
+        args.checkpoint, args.variant, args.out, moe=args.moe, dtype=args.dtype, opset=args.opset,
+        min_size=args.min_size, max_size=args.max_size, opt_size=args.opt_size, config=args.config,
+        force=args.force)
+    out = args.out or f"engines/{args.variant}"
+    r = entry["size_range"]
+    print(f"wrote {out}/{entry['path']} (+ external data), {entry['initializers']} initializers, "
+          f"moe={entry['moe_lowering']}, dtype={entry['dtype']}, opset={entry['opset']}, "
+          f"sizes {r['min'][0]}x{r['min'][1]}..{r['max'][0]}x{r['max'][1]}, batch {entry['axes']['batch'][0]}.."
+          f"{entry['axes']['batch'][1]}, {entry['export_seconds']} s")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from hidream_export.compare.parity import compare_onnx
+
+    report = compare_onnx(args.checkpoint, args.model, sizes=args.sizes, batch=args.batch, seed=args.seed,
+                          atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, save_dir=args.save_dir,
+                          config=args.config)
+    print(report.format())
+    return 0 if report.passed else 1
+
+
+def _cmd_lint(args) -> int:
+    from hidream_export.export import lint
+
+    return lint.main(args.argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hidream-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +56,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="preset name or config.json (needed for single-file checkpoints)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)
+
+    from hidream_export.variants import VARIANTS
+
+    p = sub.add_parser("export", help="export the transformer to ONNX (weights as external data)")
+    p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file")
+    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--out", help="output folder (default engines/VARIANT)")
+    p.add_argument("--moe", default="gather", choices=["dense", "gather", "plugin"],
+                   help="MoE lowering: gather (exact FLOPs, ONNX Runtime default), dense (static, ~1.8x routed "
+                        "FLOPs), plugin (one HiDreamMoE node per layer for TensorRT)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    p.add_argument("--min-size", help="smallest WxH in pixels (default from the variant)")
+    p.add_argument("--max-size", help="largest WxH in pixels")
+    p.add_argument("--opt-size", help="WxH the TensorRT profile optimises for")
+    p.add_argument("--config", help="preset or config.json (single-file checkpoints)")
+    p.add_argument("--force", action="store_true", help="replace an export of another checkpoint/variant in --out")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("compare", help="PyTorch reference vs ONNX Runtime on the same random inputs")
+    p.add_argument("checkpoint")
+    p.add_argument("model", help="the exported model.onnx (its folder's manifest.json is read)")
+    p.add_argument("--sizes", nargs="+", help="WxH sizes (default: opt, min, max and a non-square size)")
+    p.add_argument("--batch", type=int, default=None, help="transformer batch (default: one image)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--atol", type=float, default=None)
+    p.add_argument("--rtol", type=float, default=None, help="relative to max|reference| (default by dtype)")
+    p.add_argument("--min-cosine", type=float, default=None)
+    p.add_argument("--save-dir", default=".", help="where inputs.json and reference_outputs.json go (default .)")
+    p.add_argument("--config", help="preset or config.json (single-file checkpoints)")
+    p.set_defaults(func=_cmd_compare)
+
+    # The lint owns its arguments (and imports onnx, which the runtime-only install lacks): forward them.
+    p = sub.add_parser("lint", add_help=False,
+                       help="check an ONNX model against TensorRT's published ONNX operator support")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_lint)
     return parser
 
 
@@ -31,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except SystemExit as exc:  # argparse inside a forwarded subcommand
+        return int(exc.code or 0)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         # Expected failures (bad input, bad checkpoint): one clear line, no traceback.
         print(f"hidream-export {args.command}: error: {exc}", file=sys.stderr)

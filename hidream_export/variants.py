@@ -19,29 +19,52 @@ TEXT_LENGTH = 128  # tokens, every text encoder
 RECOMMENDED_SIZES = ((1024, 1024), (768, 1360), (1360, 768), (880, 1168), (1168, 880), (1248, 832), (832, 1248))
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768) as (width, height)."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 1024x1024") from None
+    return w, h
+
+
 @dataclass(frozen=True)
 class SizeRange:
-    """Pixel sizes an export serves: each side in [min_side, max_side], multiples of SIZE_MULTIPLE."""
+    """Pixel sizes an export serves, as (width, height) pairs: every size with min <= size <= max per
+    axis, in multiples of SIZE_MULTIPLE; `opt` is what the TensorRT profile optimises for."""
 
-    min_side: int
-    max_side: int
-    opt: tuple[int, int]  # (width, height) the TensorRT profile optimises for
+    min: tuple[int, int]
+    max: tuple[int, int]
+    opt: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("min", "max", "opt"):
+            w, h = getattr(self, name)
+            if w % SIZE_MULTIPLE or h % SIZE_MULTIPLE or w <= 0 or h <= 0:
+                raise ValueError(f"size range {name}={w}x{h} must be positive multiples of {SIZE_MULTIPLE}")
+        if not (self.min[0] <= self.opt[0] <= self.max[0] and self.min[1] <= self.opt[1] <= self.max[1]):
+            raise ValueError(
+                f"size range must satisfy min <= opt <= max per axis, got min={self.min[0]}x{self.min[1]} "
+                f"opt={self.opt[0]}x{self.opt[1]} max={self.max[0]}x{self.max[1]}")
 
     def check(self, width: int, height: int) -> None:
-        for name, v in (("width", width), ("height", height)):
+        for name, v, lo, hi in (("width", width, self.min[0], self.max[0]), ("height", height, self.min[1], self.max[1])):
             if not isinstance(v, int) or v % SIZE_MULTIPLE:
                 raise ValueError(f"{name}={v!r} must be an integer multiple of {SIZE_MULTIPLE}")
-            if not self.min_side <= v <= self.max_side:
+            if not lo <= v <= hi:
                 raise ValueError(
-                    f"{name}={v} is outside the exported range {self.min_side}..{self.max_side} px "
-                    f"(each side, multiples of {SIZE_MULTIPLE})")
+                    f"{name}={v} is outside the exported range {self.describe()}")
+
+    def describe(self) -> str:
+        return (f"{self.min[0]}x{self.min[1]} .. {self.max[0]}x{self.max[1]} px (WxH, multiples of "
+                f"{SIZE_MULTIPLE})")
 
     def to_dict(self) -> dict:
-        return {"min_side": self.min_side, "max_side": self.max_side, "opt": list(self.opt)}
+        return {"min": list(self.min), "max": list(self.max), "opt": list(self.opt)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SizeRange":
-        return cls(int(d["min_side"]), int(d["max_side"]), tuple(int(v) for v in d["opt"]))
+        return cls(tuple(d["min"]), tuple(d["max"]), tuple(d["opt"]))
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,7 @@ class Variant:
     diffusers_scheduler: str  # class named in the HF model folder's scheduler_config.json
     timestep_dtype: str  # what the transformer is fed: int64 (UniPC truncates) or float32
     # Real-model pixel range; scaled for smaller configs by size_range_for().
-    size_range: SizeRange = SizeRange(512, 1360, (1024, 1024))
+    size_range: SizeRange = SizeRange((512, 512), (1360, 1360), (1024, 1024))
 
     @property
     def uses_cfg(self) -> bool:
@@ -99,7 +122,7 @@ def size_range_for(variant: Variant, max_resolution: tuple[int, int]) -> SizeRan
         return max(SIZE_MULTIPLE, int(round(v * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
 
     r = variant.size_range
-    return SizeRange(px(r.min_side), px(r.max_side), (px(r.opt[0]), px(r.opt[1])))
+    return SizeRange((px(r.min[0]), px(r.min[1])), (px(r.max[0]), px(r.max[1])), (px(r.opt[0]), px(r.opt[1])))
 
 
 def default_size(target_area: int = TARGET_AREA, width: int | None = None, height: int | None = None) -> tuple[int, int]:

@@ -315,7 +315,7 @@ def iter_tensors(ckpt: CheckpointFiles, dtype: torch.dtype | None = None,
 
 def load_transformer(path: str | Path, dtype: "torch.dtype | str | None" = None, device: "str | torch.device" = "cpu",
                      moe_lowering: str = "reference", config: "TransformerConfig | str | Path | None" = None,
-                     rope_dtype: str = "float64"):
+                     rope_dtype: str = "float64", rope_max_positions: int | None = None):
     """Load a HiDream-I1 transformer checkpoint into `HiDreamTransformer` (eval mode).
 
     The model is built on the meta device and each tensor is read straight from disk, cast to `dtype`
@@ -330,7 +330,8 @@ def load_transformer(path: str | Path, dtype: "torch.dtype | str | None" = None,
     target = _resolve_dtype(dtype, ckpt)
     device = torch.device(device)
     with torch.device("meta"):
-        model = HiDreamTransformer(ckpt.config, moe_lowering=moe_lowering, rope_dtype=rope_dtype)
+        model = HiDreamTransformer(ckpt.config, moe_lowering=moe_lowering, rope_dtype=rope_dtype,
+                                   rope_max_positions=rope_max_positions)
     state = {}
     for name, tensor in iter_tensors(ckpt, target):
         state[name] = tensor.to(device)

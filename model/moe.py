@@ -58,7 +58,9 @@ class MoEGate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, D) -> (topk_idx (T, k) int64, topk_weight (T, k))."""
         scores = F.linear(x, self.weight).softmax(dim=-1)
-        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        # The official code asks for sorted=False; the slot order never changes the routed sum (experts
+        # are accumulated in ascending expert order), and TensorRT's parser only accepts sorted TopK.
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=True)
         return topk_idx, topk_weight
 
 
