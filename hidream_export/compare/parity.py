@@ -1,7 +1,8 @@
 """`hidream-export compare`: the PyTorch reference against an exported ONNX model, on the same inputs.
 
-The reference is always the `reference` MoE lowering with float64 RoPE (diffusers' numerics), never the
-lowering that was exported, so a lowering bug cannot hide behind itself. Inputs and reference outputs are
+The reference is always the `reference` MoE lowering with float64 RoPE (diffusers' numerics) in float32,
+whatever the export dtype, never the lowering that was exported, so a lowering bug cannot hide behind
+itself and an fp16/bf16 export is measured against the model it approximates. Inputs and reference outputs are
 saved in Polygraphy's formats, so anyone can re-check with Polygraphy alone:
 
     polygraphy run MODEL.onnx --onnxrt --load-inputs inputs.json --load-outputs reference_outputs.json
@@ -25,8 +26,8 @@ from hidream_export.variants import SIZE_MULTIPLE, TEXT_LENGTH, VAE_SCALE, SizeR
 # so the bound is cosine similarity plus a loose max error relative to the output scale.
 TOLERANCES = {
     "fp32": {"rtol": 1e-4, "atol": 0.0, "min_cosine": 0.99999},
-    "fp16": {"rtol": 5e-2, "atol": 0.0, "min_cosine": 0.999},
-    "bf16": {"rtol": 1e-1, "atol": 0.0, "min_cosine": 0.999},
+    "fp16": {"rtol": 1e-1, "atol": 0.0, "min_cosine": 0.999},
+    "bf16": {"rtol": 2e-1, "atol": 0.0, "min_cosine": 0.999},
 }
 
 
@@ -167,18 +168,15 @@ def compare_onnx(checkpoint: str | Path, model_path: str | Path, *, sizes=None, 
             raise ValueError(f"size {w}x{h} is non-square with {(w // 16) * (h // 16)} patches; the model pads "
                              f"non-square inputs to {entry['max_seq']} tokens, so it cannot run")
 
-    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    reference = load_transformer(checkpoint, dtype=tdtype, moe_lowering="reference", config=config,
+    reference = load_transformer(checkpoint, dtype=torch.float32, moe_lowering="reference", config=config,
                                  rope_dtype="float64")
     session = ort.InferenceSession(str(model_path), providers=providers or ["CPUExecutionProvider"])
     feeds, outputs, cases = [], [], []
     for i, (w, h) in enumerate(sizes):
         feed = random_feed(entry, w, h, batch, seed + i)
         with torch.no_grad():
-            args = [torch.from_numpy(feed[n]) for n in ("hidden_states", "timesteps", "encoder_hidden_states_t5",
-                                                         "encoder_hidden_states_llama3", "pooled_embeds")]
-            args = [a.to(tdtype) if a.is_floating_point() and n != 1 else a for n, a in enumerate(args)]
-            ref = reference(*args).float().numpy()
+            ref = reference(*(torch.from_numpy(feed[n]) for n in ("hidden_states", "timesteps",
+                            "encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_embeds"))).numpy()
         ort_feed = _ort_dtype_feed(feed, dtype)
         got = session.run(["sample"], ort_feed)[0].astype(np.float32)
         m = metrics(got, ref)
