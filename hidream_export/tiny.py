@@ -71,5 +71,6 @@ def write_transformer(out_dir: str | Path, config: "TransformerConfig | str" = "
         for key, size in sizes.items():
             shard_of[key] = min(shards - 1, start * shards // total)
             start += size
-    return save_transformer(random_state(config, seed, dtype), config, out_dir, shard_of=shard_of,
-                            metadata={"generator": "hidream-export random weights", "seed": str(seed)})
+    # No extra metadata: safetensors writes metadata keys in hash-map order, and the same seed must give
+    # byte-identical files.
+    return save_transformer(random_state(config, seed, dtype), config, out_dir, shard_of=shard_of)
