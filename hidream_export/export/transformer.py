@@ -198,15 +198,63 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
 
 
+def _settings_key(**settings) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_transformer_export(cfg, dtype: str) -> dict:
+    """What an export will write, from the config alone (no tracing, no weights): for --dry-run and the
+    disk-space check. Exact for the weights; the graph protobuf is estimated."""
+    import math
+
+    from hidream_export.model.checkpoint import expected_shapes
+
+    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    shapes = expected_shapes(cfg)
+    n_rope = 4  # cos/sin tables of the two spatial axes
+    weights = sum(math.prod(s) for s in shapes.values()) * itemsize
+    graph_estimate = 2 * 2**20 + cfg.num_blocks * 200 * 2**10
+    return {"files": {f"transformer/{ONNX_NAME}": graph_estimate, f"transformer/{DATA_NAME}": weights},
+            "initializers": len(shapes) + n_rope, "checkpoint_tensors": len(shapes), "dtype": dtype,
+            "bytes": weights + graph_estimate}
+
+
+def format_plan(plan: dict, out_dir: Path) -> str:
+    lines = [f"would write into {out_dir}:"]
+    for name, size in plan["files"].items():
+        approx = "~" if name.endswith(ONNX_NAME) else ""
+        lines.append(f"  {name:<32} {approx}{size / 2**20:,.1f} MiB")
+    lines.append(f"  dtype {plan['dtype']}, {plan['initializers']} initializers "
+                 f"({plan['checkpoint_tensors']} from the checkpoint, {plan['initializers'] - plan['checkpoint_tensors']} computed)")
+    lines.append(f"  manifest.json (updated)")
+    return "\n".join(lines)
+
+
+def _check_disk(out_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(out_dir).free
+    if free < needed * 1.05 + 64 * 2**20:
+        raise ExportError(f"--out {out_dir}: not enough disk space: the export writes about {needed / 2**30:.2f} GiB, "
+                          f"{free / 2**30:.2f} GiB free")
+
+
 def export_transformer(checkpoint: str | Path, variant: str, out_dir: str | Path | None = None, *,
                        moe: str = "gather", dtype: str = "fp32", opset: int | None = None,
                        min_size=None, max_size=None, opt_size=None, config=None,
-                       max_images: int = MAX_IMAGES_PER_PROMPT, force: bool = False, verbose: bool = False) -> dict:
-    """Export a checkpoint's transformer for `variant`; return the manifest's transformer entry."""
+                       max_images: int = MAX_IMAGES_PER_PROMPT, force: bool = False, streaming: bool = True,
+                       dry_run: bool = False, quiet: bool = True, verbose: bool = False) -> dict:
+    """Export a checkpoint's transformer for `variant`; return the manifest's transformer entry.
+
+    streaming=True (default) traces without weights and streams them from the checkpoint (memory: the
+    graph plus one tensor); streaming=False exports a loaded model (the usual recipe; kept for contrast).
+    An up-to-date export with the same settings is reused; an interrupted streaming export resumes.
+    With dry_run, nothing is written and the plan is returned under "plan".
+    """
     import onnx
     import torch
 
-    from hidream_export.model.checkpoint import CheckpointError, load_transformer, locate_checkpoint
+    from hidream_export.model.checkpoint import CheckpointError, locate_checkpoint
 
     v = get_variant(variant)
     if moe not in EXPORT_LOWERINGS:
@@ -223,49 +271,58 @@ def export_transformer(checkpoint: str | Path, variant: str, out_dir: str | Path
     cfg = ckpt.config
     size_range = resolve_size_range(v, cfg, min_size, max_size, opt_size)
     batch = batch_range(v, max_images)
+    plan = plan_transformer_export(cfg, dtype)
+    if dry_run:
+        return {"plan": plan, "text": format_plan(plan, out_dir)}
     hashed = ckpt.files + ([ckpt.config_file] if ckpt.config_file else [])
     checkpoint_hash = sha256_files(hashed)
     manifest = _check_out_dir(out_dir, v, checkpoint_hash, force)
+    key = _settings_key(variant=v.name, moe=moe, dtype=dtype, opset=opset, size_range=size_range.to_dict(),
+                        batch=batch.to_dict(), streaming=streaming, checkpoint=checkpoint_hash,
+                        version=_own_version(), torch=torch.__version__)
+    prior = manifest.get("components", {}).get("transformer")
+    if prior and prior.get("settings_key") == key and _files_intact(out_dir, prior):
+        return {**prior, "reused": True}
+    _check_disk(out_dir, plan["bytes"])
 
     torch_lowering, translation = moe, None
     if moe == "plugin":
         from hidream_export.export import moe_plugin
 
         torch_lowering, translation = moe_plugin.TORCH_LOWERING, moe_plugin.translation_table()
+    max_positions = max(max(size_range.max) // SIZE_MULTIPLE, 2 * max(cfg.max_resolution) // cfg.patch_size)
     t0 = time.perf_counter()
-    max_positions = max(size_range.max) // SIZE_MULTIPLE
+    export_args = dict(cfg=cfg, variant=v, size_range=size_range, batch=batch, tdtype=tdtype, opset=opset,
+                       torch_lowering=torch_lowering, translation=translation, max_positions=max_positions)
+    if streaming:
+        tmp = out_dir / f".transformer.partial-{key}"
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=".transformer.", dir=out_dir))
     try:
-        model = load_transformer(checkpoint, dtype=tdtype, moe_lowering=torch_lowering, config=config,
-                                 rope_dtype="float32",
-                                 rope_max_positions=max(max_positions, 2 * max(cfg.max_resolution) // cfg.patch_size))
-    except CheckpointError as exc:
-        raise ExportError(f"checkpoint failed to load: {exc}") from None
-    args = sample_inputs(cfg, v, size_range, batch, tdtype)
-    shapes = dynamic_shapes(cfg, size_range, batch)
-
-    tmp = Path(tempfile.mkdtemp(prefix=".transformer.", dir=out_dir))
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                model, args, dynamo=True, dynamic_shapes=shapes, input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES), opset_version=opset, optimize=True,
-                custom_translation_table=translation, verbose=verbose)
-        if moe == "plugin":
-            moe_plugin.attach_function(program.model, opset)
         onnx_path = tmp / ONNX_NAME
-        program.save(onnx_path, external_data=True)
-        data_files = sorted(p.name for p in tmp.iterdir() if p.name != ONNX_NAME)
+        if streaming:
+            initializer_map = _export_streaming(ckpt, tmp, quiet=quiet, key=key, moe=moe, **export_args)
+        else:
+            initializer_map = _export_plain(ckpt, tmp, config=config, checkpoint=checkpoint, moe=moe, verbose=verbose,
+                                            **export_args)
+        data_files = sorted(p.name for p in tmp.iterdir() if p.name not in (ONNX_NAME, "progress.json"))
         if data_files != [DATA_NAME]:
-            # torch.onnx names the data file after the model; keep the contract explicit.
-            raise ExportError(f"unexpected external data files {data_files} (expected [{DATA_NAME!r}])")
+            raise ExportError(f"unexpected files {data_files} next to the exported model (expected [{DATA_NAME!r}])")
         onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
         onnx.checker.check_model(str(onnx_path))
+        (tmp / "progress.json").unlink(missing_ok=True)
         export_seconds = time.perf_counter() - t0
         files = file_hashes(tmp, [ONNX_NAME, DATA_NAME])
         _replace_dir(tmp, out_dir / "transformer")
+    except KeyboardInterrupt:
+        raise  # a streaming export keeps its partial folder to resume; a plain one is cleaned below
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if not streaming and tmp.exists() and tmp.parent == out_dir and tmp.name.startswith(".transformer."):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     model_proto = onnx.load(str(out_dir / "transformer" / ONNX_NAME), load_external_data=False)
     entry = {
@@ -278,6 +335,9 @@ def export_transformer(checkpoint: str | Path, variant: str, out_dir: str | Path
         **transformer_io(cfg, v, size_range, batch, dtype),
         "config": cfg.to_dict(),
         "initializers": len(model_proto.graph.initializer),
+        "initializer_map": initializer_map,
+        "streaming": streaming,
+        "settings_key": key,
         "source": {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": checkpoint_hash},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "hidream_export": _own_version()},
         "cleanup": ["onnxscript optimizer (constant folding, dead-node removal)", "onnx shape inference",
@@ -292,6 +352,113 @@ def export_transformer(checkpoint: str | Path, variant: str, out_dir: str | Path
     manifest["components"]["transformer"] = entry
     write_json_atomic(out_dir / "manifest.json", manifest)
     return entry
+
+
+def _files_intact(folder: Path, entry: dict) -> bool:
+    from hidream_export.manifest import sha256_file
+
+    for rel, info in entry.get("files", {}).items():
+        path = folder / rel
+        if not path.exists() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            return False
+    return True
+
+
+def _export_plain(ckpt, tmp: Path, *, cfg, variant, size_range, batch, tdtype, opset, torch_lowering, translation,
+                  max_positions, config, checkpoint, moe, verbose) -> dict:
+    """The usual recipe: load the model, export it with its weights, let the exporter fold constants."""
+    import torch
+
+    from hidream_export.model.checkpoint import CheckpointError, load_transformer
+
+    try:
+        model = load_transformer(checkpoint, dtype=tdtype, moe_lowering=torch_lowering, config=config,
+                                 rope_dtype="float32", rope_max_positions=max_positions)
+    except CheckpointError as exc:
+        raise ExportError(f"checkpoint failed to load: {exc}") from None
+    args = sample_inputs(cfg, variant, size_range, batch, tdtype)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model, args, dynamo=True, dynamic_shapes=dynamic_shapes(cfg, size_range, batch),
+            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), opset_version=opset, optimize=True,
+            custom_translation_table=translation, verbose=verbose)
+    if moe == "plugin":
+        from hidream_export.export import moe_plugin
+
+        moe_plugin.attach_function(program.model, opset)
+    program.save(tmp / ONNX_NAME, external_data=True)
+    names = list(program.model.graph.initializers)
+    # Folded constants (e.g. transposed weights) get generated names: only same-named ones map back.
+    return {n: n for n in names if n in ckpt.entries}
+
+
+def trace_weightless(cfg, variant, size_range, batch, tdtype, opset, torch_lowering="gather", translation=None,
+                     max_positions=None):
+    """The transformer's ONNX program traced on fake tensors: the graph, with no weight allocated."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hidream_export.model import HiDreamTransformer
+
+    with FakeTensorMode():
+        # Module.to() cannot swap fake parameters: build directly in the export dtype instead.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(tdtype)
+        try:
+            model = HiDreamTransformer(cfg, moe_lowering=torch_lowering, rope_dtype="float32",
+                                       rope_max_positions=max_positions).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        args = sample_inputs(cfg, variant, size_range, batch, tdtype)
+        program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes(cfg, size_range, batch), strict=False)
+    return torch.onnx.export(program, dynamo=True, optimize=False, input_names=list(INPUT_NAMES),
+                             output_names=list(OUTPUT_NAMES), opset_version=opset,
+                             custom_translation_table=translation)
+
+
+def _export_streaming(ckpt, tmp: Path, *, cfg, variant, size_range, batch, tdtype, opset, torch_lowering,
+                      translation, max_positions, quiet, key, moe) -> dict:
+    """Trace on fake tensors, lay out the external data, stream the weights (resuming if possible)."""
+    import torch
+
+    from hidream_export.export import streaming
+    from hidream_export.model.checkpoint import read_tensor
+    from hidream_export.model.embeddings import RopeTables
+
+    onnx_path, data_path, journal = tmp / ONNX_NAME, tmp / DATA_NAME, tmp / streaming.JOURNAL
+    state = streaming.read_journal(journal)
+    if onnx_path.exists() and state.get("key") == key and state.get("graph_done"):
+        slots = streaming.slots_from_saved(onnx_path)
+        start = int(state.get("done", 0))
+    else:
+        for p in tmp.iterdir():
+            p.unlink()
+        onnx_program = trace_weightless(cfg, variant, size_range, batch, tdtype, opset, torch_lowering, translation,
+                                        max_positions)
+        names = streaming.weightless_optimize(onnx_program.model)
+        unknown = [n for n in names if n not in ckpt.entries and not n.startswith("rope.")]
+        if unknown:
+            raise ExportError(f"traced graph has initializers with no source in the checkpoint: {unknown[:5]}")
+        slots = streaming.layout(onnx_program.model, names, DATA_NAME)
+        if moe == "plugin":
+            from hidream_export.export import moe_plugin
+
+            moe_plugin.attach_function(onnx_program.model, opset)
+        streaming.save_graph(onnx_program.model, onnx_path)
+        start = 0
+        streaming._write_journal(journal, {"key": key, "graph_done": True, "done": 0, "total": len(slots)})
+    rope = RopeTables(cfg.axes_dims_rope, max_positions, "float32")
+
+    def fetch(name: str):
+        if name.startswith("rope."):
+            return getattr(rope, name.split(".", 1)[1]).to(torch.float32)
+        entry = ckpt.entries[name]
+        with open(entry.file, "rb") as fh:
+            return read_tensor(fh, entry, tdtype)
+
+    streaming.stream_weights(data_path, slots, fetch, journal, start=start, quiet=quiet,
+                             journal_base={"key": key, "graph_done": True})
+    return {s.name: (s.name if s.name in ckpt.entries else f"computed:{s.name}") for s in slots}
 
 
 def _own_version() -> str:
