@@ -21,8 +21,14 @@ def _cmd_export(args) -> int:
     entry = export_transformer(
         args.checkpoint, args.variant, args.out, moe=args.moe, dtype=args.dtype, opset=args.opset,
         min_size=args.min_size, max_size=args.max_size, opt_size=args.opt_size, config=args.config,
-        force=args.force)
+        force=args.force, streaming=not args.no_streaming, dry_run=args.dry_run, quiet=args.quiet)
+    if args.dry_run:
+        print(entry["text"])
+        return 0
     out = args.out or f"engines/{args.variant}"
+    if entry.get("reused"):
+        print(f"{out}/{entry['path']} is up to date (same checkpoint and settings): reused")
+        return 0
     r = entry["size_range"]
     print(f"wrote {out}/{entry['path']} (+ external data), {entry['initializers']} initializers, "
           f"moe={entry['moe_lowering']}, dtype={entry['dtype']}, opset={entry['opset']}, "
@@ -73,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-size", help="WxH the TensorRT profile optimises for")
     p.add_argument("--config", help="preset or config.json (single-file checkpoints)")
     p.add_argument("--force", action="store_true", help="replace an export of another checkpoint/variant in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the files, sizes, dtype and initializer count; write nothing")
+    p.add_argument("--no-streaming", action="store_true",
+                   help="export a loaded model (holds all weights in memory) instead of streaming them")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("compare", help="PyTorch reference vs ONNX Runtime on the same random inputs")
