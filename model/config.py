@@ -185,6 +185,10 @@ PRESETS: dict[str, TransformerConfig] = {
         num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=10,
         axes_dims_rope=(32, 16, 16),
         llama_layers=(0, 4, 8, 12, 16, 20, 24, 28, 31, 31, 31, 31)),
+    # About 10x `small` (3.1B parameters, 6.2 GB in bf16): the export scaling benchmark.
+    "large": TransformerConfig(
+        num_layers=8, num_single_layers=16, attention_head_dim=128, num_attention_heads=12,
+        llama_layers=(0, 4, 8, 12, 16, 20, 24, 28) + (31,) * 16),
     # Fast enough for unit tests; keeps every structural feature (4 experts top-2, both block kinds,
     # more than one Llama layer, distinct T5 and Llama widths).
     "tiny": TransformerConfig(

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a random-weight HiDream-I1 checkpoint in the real on-disk layout (no download needed).
 
-    python tools/make_tiny_checkpoint.py OUT_DIR [--preset tiny|small|real] [--seed N] [--shards N]
+    python tools/make_tiny_checkpoint.py OUT_DIR [--preset tiny|small|large|real] [--seed N] [--shards N]
         [--dtype fp32|fp16|bf16] [--full [--variant full|dev|fast] [--overwrite]]
 
 Without --full, OUT_DIR becomes a model folder with OUT_DIR/transformer/ only (config.json +
@@ -31,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--preset", default="tiny", help="tiny, small or real (default tiny)")
+    p.add_argument("--preset", default="tiny", help="tiny, small, large (3.1B, for the export scaling benchmark) or real (default tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=None, help="number of safetensors shards (default: one file)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

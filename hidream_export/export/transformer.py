@@ -101,6 +101,7 @@ def transformer_io(config, variant: Variant, size_range: SizeRange, batch: Batch
         "latent_width": [lat(size_range.min[0]), lat(size_range.max[0])],
     }
     t_dtype = variant.timestep_dtype
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]  # tensor dtypes, numpy names
     return {
         "inputs": [
             {"name": "hidden_states", "dtype": dtype, "shape": ["batch", config.in_channels, "latent_height", "latent_width"]},

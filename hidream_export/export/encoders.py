@@ -1,0 +1,372 @@
+"""Export HiDream-I1's four text encoders to ONNX: CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B-Instruct.
+
+Each encoder is the library's own model (transformers), loaded from its checkpoint folder and wrapped in
+a small module whose outputs are exactly what `HiDreamImagePipeline` takes from it (spec section 5), so
+the runtime needs no model code, only the engine folder (engines/README.md):
+
+    clip_l, clip_g  input_ids (batch, 128)                  -> text_embeds (batch, projection_dim)
+    t5              input_ids, attention_mask (batch, 128)  -> last_hidden_state (batch, 128, d_model)
+    llama           input_ids, attention_mask (batch, 128)  -> hidden_states (n_layers, batch, 128, hidden)
+
+The batch is dynamic (prompts x [negative, positive]); the text length is fixed at 128 because the
+pipeline always pads to it. Weights always go to external data (model.onnx + model.onnx.data), so the
+16 GB Llama and a tiny test model take the same path.
+
+`export_onnx` is the one ONNX writer of this module and of export/vae.py: dynamo exporter first (the
+torch 2.13 default), the TorchScript exporter as a recorded fallback, then a single external-data file,
+ONNX shape inference and the path-based `onnx.checker`. The functions here write into a folder the caller
+owns; `hidream_export.build.pipeline` makes that atomic (temporary folder, then rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from hidream_export.export.transformer import (DATA_NAME, DEFAULT_OPSET, MAX_IMAGES_PER_PROMPT, ONNX_NAME,
+                                               ExportError, torch_dtype)
+from hidream_export.variants import TEXT_LENGTH
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+# Largest text-encoder batch the runtime feeds: [negative, positive] for each image of one prompt.
+MAX_TEXT_BATCH = 2 * MAX_IMAGES_PER_PROMPT
+# Bumped whenever a wrapper below changes what it computes, so shared exports keyed on it are redone.
+RECIPE_VERSION = 1
+
+# Files a transformers/diffusers model folder loads its weights from (top level only: a Meta-Llama download
+# also carries original/consolidated.*.pth, which from_pretrained never reads).
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "diffusion_pytorch_model*.bin",
+                    "*.bin.index.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """One text encoder: where the HiDream model folder keeps it and what the pipeline takes from it."""
+
+    name: str  # component name in the engine folder and manifest
+    subfolder: str | None  # in the checkpoint; None = the separately passed Llama folder (--llama)
+    model_class: str  # transformers class the pipeline loads
+    description: str  # for messages
+    uses_attention_mask: bool  # whether the pipeline passes the tokenizer's attention mask
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "clip_l": EncoderSpec("clip_l", "text_encoder", "CLIPTextModelWithProjection", "CLIP-L text encoder", False),
+    "clip_g": EncoderSpec("clip_g", "text_encoder_2", "CLIPTextModelWithProjection", "CLIP-G text encoder", False),
+    "t5": EncoderSpec("t5", "text_encoder_3", "T5EncoderModel", "T5 text encoder", True),
+    "llama": EncoderSpec("llama", None, "LlamaModel", "Llama-3.1 text encoder", True),
+}
+
+
+def model_source_files(folder: Path, what: str = "model") -> list[Path]:
+    """The files `from_pretrained` reads from a model folder: config.json and the weights.
+
+    These (and only these) key the shared store, so a folder's tokenizer files or a stray README do not
+    force a re-export. Raises ExportError naming the folder when config or weights are missing."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ExportError(f"{folder}: no config.json for the {what}")
+    weights = sorted({p for pattern in _WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    if not weights:
+        raise ExportError(f"{folder}: no weights for the {what} (expected *.safetensors or pytorch_model*.bin)")
+    return [config, *weights]
+
+
+# ---- wrappers: exactly the tensors the pipeline uses ------------------------------------------------
+
+def _wrappers():
+    """Defined lazily so importing this module (e.g. for ENCODERS) does not import torch."""
+    import torch
+
+    class ClipTextEmbeds(torch.nn.Module):
+        """CLIPTextModelWithProjection -> `text_embeds`, the projected pooled output (output[0]).
+
+        HiDream's `_get_clip_prompt_embeds` passes input_ids only: no attention mask, so padding tokens are
+        attended (they sit after the EOS, which causal attention hides from the pooled EOS position anyway)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids)[0]
+
+    class T5LastHiddenState(torch.nn.Module):
+        """T5EncoderModel -> `last_hidden_state` (padding positions included: the DiT attends to them)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+    class LlamaHiddenStates(torch.nn.Module):
+        """LlamaModel -> `torch.stack(hidden_states[1:])`, layer axis first: what the pipeline feeds the DiT.
+
+        hidden_states[0] (the embeddings) is dropped; the last entry is the final-RMSNorm'd output of the last
+        layer, as transformers returns it (spec 5 and 9.13). LlamaModel rather than LlamaForCausalLM: the
+        LM head (0.5 B parameters) is never used."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                             use_cache=False)
+            return torch.stack(out.hidden_states[1:])
+
+    return ClipTextEmbeds, T5LastHiddenState, LlamaHiddenStates
+
+
+def load_encoder(name: str, folder: str | Path, dtype: str = "fp32"):
+    """Load encoder `name` from its folder and wrap it; returns (wrapped module in eval mode, its config)."""
+    import transformers
+
+    spec = _spec(name)
+    tdtype = torch_dtype(dtype)
+    clip, t5, llama = _wrappers()
+    kwargs = {"dtype": tdtype}
+    if name == "llama":
+        # The pipeline calls Llama with output_attentions=True, which selects eager attention; export the
+        # same math (for 128 tokens the cost is irrelevant).
+        kwargs["attn_implementation"] = "eager"
+    cls = getattr(transformers, spec.model_class)
+    with _quiet_transformers():
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    # A weight the checkpoint lacks would be randomly initialised, and the export silently wrong (e.g. a
+    # CLIPTextModel folder without text_projection). Unexpected keys are fine: Llama's unused lm_head.
+    missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if missing:
+        raise ExportError(f"{folder}: the {spec.description} checkpoint does not fit {spec.model_class}: "
+                          f"{len(missing)} missing or mismatched weights, e.g. {missing[:3]}")
+    model.eval()
+    wrapper = {"clip_l": clip, "clip_g": clip, "t5": t5, "llama": llama}[name]
+    return wrapper(model).eval(), model.config
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """from_pretrained prints a progress bar and a load report (Llama's unused lm_head shows as UNEXPECTED);
+    the loading info is checked instead, so keep the console to the build's own lines."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _spec(name: str) -> EncoderSpec:
+    try:
+        return ENCODERS[name]
+    except KeyError:
+        raise ExportError(f"unknown text encoder {name!r}; expected one of {sorted(ENCODERS)}") from None
+
+
+# ---- the generic ONNX writer --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """A dynamic input dimension: its name in the ONNX graph and manifest, and its [min, max]."""
+
+    name: str
+    min: int
+    max: int
+
+
+def export_onnx(module, args: tuple, out_dir: Path, *, input_names: list[str], output_names: list[str],
+                dynamic: list[dict[int, Axis]], opset: int = DEFAULT_OPSET, exporter: str = "auto") -> dict:
+    """Export `module(*args)` to out_dir/model.onnx + model.onnx.data; return how it was done.
+
+    `dynamic[i]` maps input i's dynamic axes to `Axis`es (the same Axis name on several inputs is one
+    dimension). exporter "auto" tries dynamo and falls back to the TorchScript exporter, recording why; the
+    returned dict has `exporter`, `opset` and, after a fallback, `exporter_fallback`."""
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter {exporter!r} is not one of {EXPORTERS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):  # it is cleared between attempts: never touch files that are not ours
+        raise ExportError(f"{out_dir}: not empty; export into a fresh folder")
+    onnx_path = out_dir / ONNX_NAME
+    info: dict = {"opset": opset}
+    errors = []
+    for kind in (("dynamo", "torchscript") if exporter == "auto" else (exporter,)):
+        _clear(out_dir)
+        try:
+            with torch.no_grad():
+                if kind == "dynamo":
+                    _export_dynamo(module, args, onnx_path, input_names, output_names, dynamic, opset)
+                else:
+                    _export_torchscript(module, args, onnx_path, input_names, output_names, dynamic, opset)
+        except Exception as exc:  # noqa: BLE001 - a failing exporter is reported, then the next one tried
+            line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            errors.append(f"{kind}: {line}")
+            if kind == "dynamo" and exporter == "auto":
+                log.warning("dynamo export failed (%s); retrying with the TorchScript exporter", line)
+            continue
+        info["exporter"] = kind
+        if errors:
+            info["exporter_fallback"] = errors[0]
+        break
+    else:
+        _clear(out_dir)
+        raise ExportError(f"ONNX export failed: {'; '.join(errors)}")
+    _single_data_file(out_dir)
+    _check(onnx_path)
+    return info
+
+
+def _export_dynamo(module, args, onnx_path: Path, input_names, output_names, dynamic, opset) -> None:
+    import torch
+    from torch.export import Dim
+
+    dims: dict[str, object] = {}
+
+    def dim(axis: Axis):
+        if axis.name not in dims:
+            dims[axis.name] = Dim(axis.name, min=axis.min, max=axis.max)
+        return dims[axis.name]
+
+    shapes = tuple({i: dim(a) for i, a in spec.items()} for spec in dynamic)
+    program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, input_names=input_names,
+                                output_names=output_names, opset_version=opset, optimize=True, verbose=False)
+    program.save(str(onnx_path), external_data=True)
+
+
+def _export_torchscript(module, args, onnx_path: Path, input_names, output_names, dynamic, opset) -> None:
+    import torch
+
+    axes = {name: {i: a.name for i, a in spec.items()} for name, spec in zip(input_names, dynamic)}
+    torch.onnx.export(module, args, str(onnx_path), dynamo=False, input_names=input_names,
+                      output_names=output_names, dynamic_axes=axes, opset_version=opset, external_data=True,
+                      do_constant_folding=True)
+
+
+def _single_data_file(out_dir: Path) -> None:
+    """Leave exactly model.onnx + model.onnx.data: the TorchScript exporter keeps small models inline and
+    large ones as one file per tensor; the contract wants one data file, always."""
+    import onnx
+
+    names = sorted(p.name for p in out_dir.iterdir())
+    if names == sorted([ONNX_NAME, DATA_NAME]):
+        return
+    onnx_path = out_dir / ONNX_NAME
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".resave.", dir=out_dir.parent))
+    try:
+        onnx.save_model(model, str(scratch / ONNX_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_NAME, size_threshold=0)
+        del model
+        _clear(out_dir)
+        for p in scratch.iterdir():
+            shutil.move(str(p), out_dir / p.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not (out_dir / DATA_NAME).exists():  # a model without weights still gets its (empty) data file
+        (out_dir / DATA_NAME).write_bytes(b"")
+
+
+def _check(onnx_path: Path) -> None:
+    """Shape inference (value_info for later tools) and the path-based checker (external data aware)."""
+    import onnx
+
+    onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
+    onnx.checker.check_model(str(onnx_path))
+
+
+def _clear(folder: Path) -> None:
+    for p in folder.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# ---- encoders --------------------------------------------------------------------------------------------
+
+def encoder_io(name: str, config, dtype: str = "fp32") -> dict:
+    """Inputs/outputs (named symbolic dims), axes and the model facts the manifest records for `name`."""
+    out_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", TEXT_LENGTH]}
+    mask = {"name": "attention_mask", "dtype": "int64", "shape": ["batch", TEXT_LENGTH]}
+    if name in ("clip_l", "clip_g"):
+        facts = {"projection_dim": config.projection_dim, "hidden_size": config.hidden_size,
+                 "num_layers": config.num_hidden_layers}
+        inputs = [ids]
+        outputs = [{"name": "text_embeds", "dtype": out_dtype, "shape": ["batch", config.projection_dim]}]
+    elif name == "t5":
+        facts = {"d_model": config.d_model, "num_layers": config.num_layers}
+        inputs = [ids, mask]
+        outputs = [{"name": "last_hidden_state", "dtype": out_dtype, "shape": ["batch", TEXT_LENGTH, config.d_model]}]
+    else:
+        facts = {"num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+                 "attn_implementation": "eager", "last_is_final_norm": True}
+        inputs = [ids, mask]
+        outputs = [{"name": "hidden_states", "dtype": out_dtype,
+                    "shape": [config.num_hidden_layers, "batch", TEXT_LENGTH, config.hidden_size]}]
+    return {"inputs": inputs, "outputs": outputs, "axes": {"batch": [1, MAX_TEXT_BATCH]},
+            "uses_attention_mask": _spec(name).uses_attention_mask, **facts}
+
+
+def _sample_inputs(name: str, config) -> tuple:
+    """Batch 2 (a batch of 1 would be specialised), random ids, and for masked encoders one full row and one
+    right-padded row, as the tokenizer produces them."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, TEXT_LENGTH), generator=g)
+    if not _spec(name).uses_attention_mask:
+        return (ids,)
+    mask = torch.ones(2, TEXT_LENGTH, dtype=torch.int64)
+    mask[1, TEXT_LENGTH // 3:] = 0
+    return ids, mask
+
+
+def export_encoder(name: str, folder: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
+                   opset: int = DEFAULT_OPSET, exporter: str = "auto") -> dict:
+    """Export text encoder `name` ("clip_l", "clip_g", "t5", "llama") from its model folder into out_dir.
+
+    Writes out_dir/model.onnx + model.onnx.data (out_dir should be a fresh folder: the caller makes the
+    result atomic). Returns the manifest fields of the component except path/files/source."""
+    import onnx
+    import torch
+    import transformers
+
+    t0 = time.perf_counter()
+    model, config = load_encoder(name, folder, dtype)
+    io = encoder_io(name, config, dtype)
+    args = _sample_inputs(name, config)
+    batch = Axis("batch", 1, MAX_TEXT_BATCH)
+    info = export_onnx(model, args, Path(out_dir), input_names=[i["name"] for i in io["inputs"]],
+                       output_names=[o["name"] for o in io["outputs"]], dynamic=[{0: batch}] * len(args),
+                       opset=opset, exporter=exporter)
+    return {
+        "kind": "onnx",
+        "dtype": dtype,
+        **info,
+        **io,
+        "model_class": _spec(name).model_class,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "transformers": transformers.__version__,
+                     "hidream_export": _own_version()},
+        "export_seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _own_version() -> str:
+    from hidream_export import __version__
+
+    return __version__
