@@ -47,6 +47,59 @@ def _cmd_compare(args) -> int:
     return 0 if report.passed else 1
 
 
+def _cmd_build(args) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from hidream_export.build import trt as trt_build
+
+    trt_options = trt_build.options_from_args(args)
+    if args.dry_run:
+        if not args.trt:
+            raise ValueError("--dry-run goes with --trt (it prints the TensorRT engine build plan); "
+                             "for the ONNX export plan use `hidream-export export --dry-run`")
+        result = trt_build.build_engines(args.out or f"engines/{args.variant}", dry_run=True, **trt_options)
+        print(json.dumps(result.plan.to_dict(), indent=2) if args.json else result.plan.format())
+        return 0
+    from hidream_export.build.pipeline import build_pipeline
+
+    manifest = build_pipeline(
+        args.checkpoint, args.variant, args.out, llama=args.llama, moe=args.moe, dtype=args.dtype,
+        encoder_dtype=args.encoder_dtype, force=args.force, trt=args.trt, opset=args.opset, link=args.link,
+        trt_options=trt_options)
+    out = args.out or f"engines/{args.variant}"
+    print(f"built {out}: " + ", ".join(sorted(manifest["components"])))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from hidream_export.runtime import generate
+
+    return generate.run(args)
+
+
+def _cmd_demo(args) -> int:
+    """The README's main job: tiny random checkpoint -> engine folder -> image, all local."""
+    from pathlib import Path
+
+    from hidream_export.build.pipeline import build_pipeline
+    from hidream_export.tiny_pipeline import write_model_folder
+
+    ckpt = Path(args.checkpoints) / f"tiny-{args.variant}"
+    if not (ckpt / "model_index.json").exists():
+        write_model_folder(ckpt, args.variant, "tiny", seed=0, overwrite=True)
+        print(f"wrote the tiny random-weight checkpoint {ckpt}")
+    out = Path(args.out or f"engines/{args.variant}")
+    build_pipeline(ckpt, args.variant, out)
+    print(f"built {out}")
+    from hidream_export.runtime import generate
+
+    parser = generate.add_arguments(argparse.ArgumentParser(prog="hidream-export generate"))
+    gen_args = parser.parse_args([str(out), "--prompt", args.prompt, "--seed", str(args.seed), "-o", args.output,
+                                  "--width", "256", "--height", "256", "--any-size"])
+    return generate.run(gen_args)
+
+
 def _cmd_lint(args) -> int:
     from hidream_export.export import lint
 
@@ -98,6 +151,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="preset or config.json (single-file checkpoints)")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser("build", help="export every component of a variant into one engine folder")
+    p.add_argument("checkpoint", help="a HiDream-I1 model folder (diffusers layout)")
+    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--out", help="engine folder (default engines/VARIANT)")
+    p.add_argument("--llama", help="Llama-3.1-8B-Instruct folder (default CHECKPOINT/llama)")
+    p.add_argument("--moe", default="gather", choices=["dense", "gather", "plugin"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="transformer dtype")
+    p.add_argument("--encoder-dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--link", default="auto", choices=["auto", "reflink", "hardlink", "copy"],
+                   help="how variant folders get shared encoder/VAE files (auto: reflink, else copy)")
+    p.add_argument("--trt", action="store_true", help="also build TensorRT engines (needs TensorRT)")
+    p.add_argument("--dry-run", action="store_true", help="with --trt: print the engine build plan only")
+    p.add_argument("--force", action="store_true", help="re-export everything")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    from hidream_export.build import trt as trt_build
+
+    trt_build.add_arguments(p)
+    p.set_defaults(func=_cmd_build)
+
+    from hidream_export import doctor
+
+    p = sub.add_parser("doctor", help="what this machine can run and build (TensorRT, CUDA, GPU, ORT, Triton)")
+    doctor.add_arguments(p)
+    p.set_defaults(func=doctor.run)
+
+    from hidream_export.runtime import generate
+
+    p = generate.add_arguments(sub.add_parser("generate", help="prompt -> image with the torch-free runtime"))
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("demo", help="tiny random checkpoint -> engine folder -> image (no download)")
+    p.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
+    p.add_argument("--checkpoints", default="checkpoints", help="where the tiny checkpoint is written")
+    p.add_argument("--out", help="engine folder (default engines/VARIANT)")
+    p.add_argument("--prompt", default="a painting of a squirrel eating a burger")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", default="demo.png")
+    p.set_defaults(func=_cmd_demo)
+
     # The lint owns its arguments (and imports onnx, which the runtime-only install lacks): forward them.
     p = sub.add_parser("lint", add_help=False,
                        help="check an ONNX model against TensorRT's published ONNX operator support")
@@ -112,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SystemExit as exc:  # argparse inside a forwarded subcommand
         return int(exc.code or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        # Expected failures (bad input, bad checkpoint): one clear line, no traceback.
-        print(f"hidream-export {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, PermissionError, ImportError, RuntimeError) as exc:
+        # Expected failures (bad input, bad checkpoint, missing TensorRT or plugin, failed engine build):
+        # one clear line, no traceback. ImportError/RuntimeError cover TensorRTUnavailable,
+        # MissingPluginError and BuildError, whose messages say what is missing and how to get it.
+        print(f"hidream-export {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

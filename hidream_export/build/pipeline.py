@@ -411,7 +411,8 @@ def _tensorrt_missing() -> str | None:
 def build_pipeline(checkpoint: str | Path, variant: str, out_dir: str | Path | None = None, *,
                    llama: str | Path | None = None, moe: str = "gather", dtype: str = "fp32",
                    encoder_dtype: str = "fp32", shared_root: str | Path | None = None, force: bool = False,
-                   trt: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "auto", link: str = "auto") -> dict:
+                   trt: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "auto", link: str = "auto",
+                   trt_options: dict | None = None) -> dict:
     """Export everything `variant` needs from a HiDream-I1 model folder into one engine folder; return its
     manifest (also written to OUT/manifest.json).
 
@@ -477,5 +478,5 @@ def build_pipeline(checkpoint: str | Path, variant: str, out_dir: str | Path | N
             print("notice: --trt: this hidream-export cannot build TensorRT engines yet; built the ONNX folder "
                   "only", file=sys.stderr)
         else:
-            manifest = importlib.import_module(TRT_MODULE).build_engines(out_dir, manifest)
+            manifest = importlib.import_module(TRT_MODULE).build_engines(out_dir, manifest, **(trt_options or {})).manifest
     return manifest
