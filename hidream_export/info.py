@@ -51,7 +51,7 @@ def format_info(info: dict) -> str:
            else f"  [config implies {info['parameters_expected_from_config']:,}]"),
         f"active/token {info['active_parameters_per_image_token']:,} "
         f"({cfg['num_activated_experts']} of {cfg['num_routed_experts']} routed experts + shared expert + dense weights)",
-        f"dtypes       " + ", ".join(f"{k}: {v} tensors" for k, v in sorted(info["dtypes"].items())),
+        "dtypes       " + ", ".join(f"{k}: {v} tensors" for k, v in sorted(info["dtypes"].items())),
         "config       " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("_class_name", "llama_layers")),
         f"llama_layers {cfg['llama_layers']}",
         "groups:",

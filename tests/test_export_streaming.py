@@ -43,7 +43,7 @@ def test_small_preset_streamed_equals_plain(tmp_path):
     write_transformer(ckpt / "transformer", "small", dtype=torch.bfloat16)
     kw = dict(moe="dense", dtype="bf16", min_size="512x512", max_size="512x512", opt_size="512x512")
     streamed = export_transformer(ckpt, "fast", tmp_path / "s", **kw)
-    plain = export_transformer(ckpt, "fast", tmp_path / "p", streaming=False, **kw)
+    export_transformer(ckpt, "fast", tmp_path / "p", streaming=False, **kw)
     s_proto = onnx.load(tmp_path / "s" / "transformer" / "model.onnx", load_external_data=False)
     p_proto = onnx.load(tmp_path / "p" / "transformer" / "model.onnx", load_external_data=False)
     assert {i.name for i in s_proto.graph.input} == {i.name for i in p_proto.graph.input}
@@ -73,7 +73,8 @@ def test_real_config_graph_without_weights():
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg, v = PRESETS["real"], get_variant("dev")
-    program = trace_weightless(cfg, v, resolve_size_range(v, cfg), batch_range(v), torch.bfloat16, 20, "gather",
+    # dense lowering: gather's 192 data-dependent nonzero calls make symbolic tracing far slower
+    program = trace_weightless(cfg, v, resolve_size_range(v, cfg), batch_range(v), torch.bfloat16, 20, "dense",
                                None, 85)
     inits = program.model.graph.initializers
     want = expected_shapes(cfg)

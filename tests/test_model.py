@@ -1,6 +1,5 @@
 """Config, state-dict layout, MoE lowerings and RoPE modes of the reference model."""
 
-import json
 
 import pytest
 import torch

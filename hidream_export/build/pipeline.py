@@ -46,10 +46,8 @@ from typing import Callable
 from hidream_export.export import encoders as encoders_mod
 from hidream_export.export import tokenizers as tokenizers_mod
 from hidream_export.export import vae as vae_mod
-from hidream_export.export.transformer import (DATA_NAME, DEFAULT_OPSET, ONNX_NAME, ExportError, export_transformer,
-                                               resolve_size_range)
-from hidream_export.manifest import (ManifestError, file_hashes, read_manifest, sha256_file, sha256_files,
-                                     verify_component, write_json_atomic)
+from hidream_export.export.transformer import DATA_NAME, DEFAULT_OPSET, ONNX_NAME, ExportError, export_transformer
+from hidream_export.manifest import file_hashes, read_manifest, sha256_file, sha256_files, write_json_atomic
 from hidream_export.variants import TEXT_LENGTH, get_variant
 
 log = logging.getLogger(__name__)
@@ -338,35 +336,6 @@ def _entry(comp: SharedComponent, shared: Path, meta: dict, mode: str, checkpoin
 
 # ---- transformer and scheduler -------------------------------------------------------------------------------
 
-def _current_transformer(out_dir: Path, checkpoint: Path, variant, moe: str, dtype: str, opset: int) -> dict | None:
-    """The folder's transformer entry if re-exporting would reproduce it: same variant, checkpoint hash,
-    MoE lowering, dtype, default size range and opset, same hidream_export, files intact. Saves a re-run
-    after a failure in a later stage from redoing the hour-long real-size transformer export."""
-    from hidream_export import __version__
-    from hidream_export.model.checkpoint import CheckpointError, locate_checkpoint
-
-    try:
-        manifest = read_manifest(out_dir, required=False)
-        entry = (manifest or {}).get("components", {}).get("transformer")
-        if not entry or manifest.get("variant", {}).get("name") != variant.name:
-            return None
-        if (entry.get("moe_lowering"), entry.get("dtype"), entry.get("opset")) != (moe, dtype, opset):
-            return None
-        if entry.get("versions", {}).get("hidream_export") != __version__:
-            return None
-        ckpt = locate_checkpoint(checkpoint)
-        # The hash export_transformer records: the shard files and the config file.
-        digest = sha256_files(ckpt.files + ([ckpt.config_file] if ckpt.config_file else []))
-        if entry.get("source", {}).get("checkpoint_sha256") != digest:
-            return None
-        if entry.get("size_range") != resolve_size_range(variant, ckpt.config).to_dict():
-            return None
-        verify_component(out_dir, manifest, "transformer")
-    except (ManifestError, CheckpointError, ExportError, OSError):
-        return None
-    return entry
-
-
 def _install_scheduler(checkpoint: Path, out_dir: Path) -> dict | None:
     """Copy CHECKPOINT/scheduler/scheduler_config.json (diffusers format) into the folder, if there is one."""
     from hidream_export import __version__
@@ -449,10 +418,9 @@ def build_pipeline(checkpoint: str | Path, variant: str, out_dir: str | Path | N
     for comp in plan:
         comp.compute_key()
 
-    if not force and _current_transformer(out_dir, checkpoint, v, moe, dtype, opset) is not None:
+    # export_transformer reuses an up-to-date export (same checkpoint and settings, files intact) by itself.
+    if export_transformer(checkpoint, v.name, out_dir, moe=moe, dtype=dtype, opset=opset, force=force).get("reused"):
         log.info("transformer: %s is up to date; not exporting it again", out_dir / "transformer")
-    else:
-        export_transformer(checkpoint, v.name, out_dir, moe=moe, dtype=dtype, opset=opset, force=force)
 
     ready = [(comp, *ensure_shared(comp, store, force)[:2]) for comp in plan]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hidream_export.manifest import read_manifest
-from hidream_export.variants import SIZE_MULTIPLE, TEXT_LENGTH, VAE_SCALE, SizeRange, parse_size
+from hidream_export.variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, parse_size
 
 # Default pass criteria per export dtype. fp32: the exported graph differs from the reference only in
 # summation order (and float32 RoPE tables, which are exact), ~1e-6 relative; 1e-4 leaves room for

@@ -179,21 +179,6 @@ class PluginSpec:
 _FLOAT_ACTIVATIONS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 
-class _Wild:
-    """An unknown dimension: equal to anything, so shape checks only fire on dimensions that are known."""
-
-    def __eq__(self, other):  # noqa: D105
-        return True
-
-    def __ne__(self, other):  # noqa: D105
-        return False
-
-    __hash__ = object.__hash__
-
-    def __repr__(self) -> str:
-        return "?"
-
-
 def _validate_hidream_moe(ctx: "_NodeCtx") -> Iterator[tuple[str, str]]:
     """Checks beyond attribute names/types: values, input dtypes and the six shapes (schema.infer_shapes)."""
     node = ctx.node
@@ -216,7 +201,7 @@ def _validate_hidream_moe(ctx: "_NodeCtx") -> Iterator[tuple[str, str]]:
             yield ERROR, f"input {index} ({name}) is {_type_name(elem)}; the plugin takes FP32, FP16 or BF16"
     shapes = [ctx.shape(name) for name in node.input]
     if all(s is not None for s in shapes):
-        dims = [tuple(_Wild() if d is None or isinstance(d, str) else d for d in s) for s in shapes]
+        dims = [tuple(moe_schema.AnyDim() if d is None or isinstance(d, str) else d for d in s) for s in shapes]
         try:
             got = moe_schema.infer_shapes(*dims)
         except ValueError as exc:

@@ -50,11 +50,20 @@ class Slot:
 def weightless_optimize(model: ir.Model) -> list[str]:
     """Run the onnxscript optimizer on a graph whose traced initializers have no values.
     Returns the names of the value-less initializers that survive (the weights to stream)."""
+    import logging
+
     import onnxscript
 
     for value in model.graph.initializers.values():
         value.const_value = None
-    onnxscript.optimizer.optimize(model)
+    # The deduplication pass logs one warning per value-less initializer (every weight, by design here).
+    dedup_log = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = dedup_log.level
+    dedup_log.setLevel(logging.ERROR)
+    try:
+        onnxscript.optimizer.optimize(model)
+    finally:
+        dedup_log.setLevel(level)
     return [name for name, v in model.graph.initializers.items() if v.const_value is None]
 
 

@@ -229,7 +229,7 @@ def format_plan(plan: dict, out_dir: Path) -> str:
         lines.append(f"  {name:<32} {approx}{size / 2**20:,.1f} MiB")
     lines.append(f"  dtype {plan['dtype']}, {plan['initializers']} initializers "
                  f"({plan['checkpoint_tensors']} from the checkpoint, {plan['initializers'] - plan['checkpoint_tensors']} computed)")
-    lines.append(f"  manifest.json (updated)")
+    lines.append("  manifest.json (updated)")
     return "\n".join(lines)
 
 
@@ -249,7 +249,8 @@ def export_transformer(checkpoint: str | Path, variant: str, out_dir: str | Path
 
     streaming=True (default) traces without weights and streams them from the checkpoint (memory: the
     graph plus one tensor); streaming=False exports a loaded model (the usual recipe; kept for contrast).
-    An up-to-date export with the same settings is reused; an interrupted streaming export resumes.
+    An up-to-date export with the same settings is reused (unless force); an interrupted streaming export
+    resumes.
     With dry_run, nothing is written and the plan is returned under "plan".
     """
     import onnx
@@ -282,7 +283,7 @@ def export_transformer(checkpoint: str | Path, variant: str, out_dir: str | Path
                         batch=batch.to_dict(), streaming=streaming, checkpoint=checkpoint_hash,
                         version=_own_version(), torch=torch.__version__)
     prior = manifest.get("components", {}).get("transformer")
-    if prior and prior.get("settings_key") == key and _files_intact(out_dir, prior):
+    if prior and not force and prior.get("settings_key") == key and _files_intact(out_dir, prior):
         return {**prior, "reused": True}
     _check_disk(out_dir, plan["bytes"])
 

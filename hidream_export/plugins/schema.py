@@ -38,6 +38,21 @@ class MoEShapes:
     top_k: int
 
 
+class AnyDim:
+    """An unknown (dynamic) dimension: equal to anything, so `infer_shapes` only checks known dims."""
+
+    def __eq__(self, other):
+        return True
+
+    def __ne__(self, other):
+        return False
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "?"
+
+
 def infer_shapes(hidden_states, selected_experts, scores, gate_weights, up_weights, down_weights) -> MoEShapes:
     """Check the six input shapes against each other and the contract; raise ValueError naming the input.
 

@@ -118,23 +118,8 @@ class TensorSpec:
         return cls(tuple(None if d is None else int(d) for d in shape), canonical_dtype(dtype))
 
 
-class _AnyDim:
-    """An unknown (dynamic) dimension: equal to anything, so schema.infer_shapes only checks known dims."""
-
-    def __eq__(self, other):  # noqa: D105
-        return True
-
-    def __ne__(self, other):  # noqa: D105
-        return False
-
-    __hash__ = object.__hash__
-
-    def __repr__(self) -> str:
-        return "?"
-
-
 def _dims(shape: Sequence[Optional[int]]) -> tuple:
-    return tuple(_AnyDim() if d is None else int(d) for d in shape)
+    return tuple(schema.AnyDim() if d is None else int(d) for d in shape)
 
 
 def moe_output_shape(input_shapes: Sequence[Sequence[Optional[int]]]) -> Tuple[Optional[int], Optional[int]]:
@@ -143,7 +128,7 @@ def moe_output_shape(input_shapes: Sequence[Sequence[Optional[int]]]) -> Tuple[O
     if len(input_shapes) != NUM_INPUTS:
         raise ValueError(f"{schema.OP_TYPE}: takes {NUM_INPUTS} inputs {schema.INPUT_NAMES}, got {len(input_shapes)}")
     shapes = schema.infer_shapes(*(_dims(s) for s in input_shapes))
-    known = lambda d: None if isinstance(d, _AnyDim) else d  # noqa: E731
+    known = lambda d: None if isinstance(d, schema.AnyDim) else d  # noqa: E731
     return known(shapes.tokens), known(shapes.hidden)
 
 
