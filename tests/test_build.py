@@ -276,8 +276,17 @@ def test_rebuild_is_a_no_op_and_trt_without_tensorrt_is_one_notice(built, models
     calls: Counter = Counter()
     with pytest.MonkeyPatch.context() as mp:
         _counting(mp, calls)
-        mp.setattr("hidream_export.build.pipeline.export_transformer",
-                   lambda *a, **k: pytest.fail("the up-to-date transformer was exported again"))
+        from hidream_export.build import pipeline as build_mod
+
+        real_export = build_mod.export_transformer
+
+        def must_reuse(*a, **k):
+            entry = real_export(*a, **k)
+            if not entry.get("reused"):
+                pytest.fail("the up-to-date transformer was exported again")
+            return entry
+
+        mp.setattr(build_mod, "export_transformer", must_reuse)
         again = build_pipeline(models["full"], "full", folder, trt=True)
     assert calls == Counter()
     err = capsys.readouterr().err

@@ -148,8 +148,12 @@ def dynamic_shapes(config, size_range: SizeRange, batch: BatchRange):
 
     cell = SIZE_MULTIPLE // VAE_SCALE  # latent cells per 16 px (= patch size 2)
     # Height/width in units of 16 px, so the latent is always a whole number of patches.
-    h = Dim("latent_height_16px", min=size_range.min[1] // SIZE_MULTIPLE, max=size_range.max[1] // SIZE_MULTIPLE)
-    w = Dim("latent_width_16px", min=size_range.min[0] // SIZE_MULTIPLE, max=size_range.max[0] // SIZE_MULTIPLE)
+    def side(name: str, lo: int, hi: int):
+        # A fixed side (min == max) stays static: torch.export rejects a Dim with min == max.
+        return None if lo == hi else cell * Dim(name, min=lo // SIZE_MULTIPLE, max=hi // SIZE_MULTIPLE)
+
+    h = side("latent_height_16px", size_range.min[1], size_range.max[1])
+    w = side("latent_width_16px", size_range.min[0], size_range.max[0])
     if batch.min == batch.max:
         b = None  # a fixed batch (one image per prompt): nothing to make dynamic
     elif batch.multiple > 1:
@@ -159,7 +163,7 @@ def dynamic_shapes(config, size_range: SizeRange, batch: BatchRange):
     def axes(spec: dict) -> dict:
         return {k: v for k, v in spec.items() if v is not None}
 
-    return (axes({0: b, 2: cell * h, 3: cell * w}), axes({0: b}), axes({0: b}), axes({1: b}), axes({0: b}))
+    return (axes({0: b, 2: h, 3: w}), axes({0: b}), axes({0: b}), axes({1: b}), axes({0: b}))
 
 
 def _check_out_dir(out_dir: Path, variant: Variant, checkpoint_hash: str, force: bool) -> dict:
