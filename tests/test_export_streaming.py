@@ -38,29 +38,17 @@ def test_streamed_export_is_bit_identical_to_plain_export(tiny_transformer_dir, 
 
 
 def test_small_preset_streamed_equals_plain(tmp_path):
-    """The issue's second preset: a few hundred million parameters (bf16 on disk to keep CI quick)."""
+    """The issue's second preset (a few hundred million parameters): same ONNX Runtime outputs, bit for
+    bit, at one fixed size (fixed to keep CI quick)."""
     ckpt = tmp_path / "small"
-    write_transformer(ckpt / "transformer", "small", dtype=torch.bfloat16)
-    kw = dict(moe="dense", dtype="bf16", min_size="512x512", max_size="512x512", opt_size="512x512")
+    write_transformer(ckpt / "transformer", "small")
+    kw = dict(moe="dense", min_size="256x256", max_size="256x256", opt_size="256x256")
     streamed = export_transformer(ckpt, "fast", tmp_path / "s", **kw)
-    export_transformer(ckpt, "fast", tmp_path / "p", streaming=False, **kw)
-    s_proto = onnx.load(tmp_path / "s" / "transformer" / "model.onnx", load_external_data=False)
-    p_proto = onnx.load(tmp_path / "p" / "transformer" / "model.onnx", load_external_data=False)
-    assert {i.name for i in s_proto.graph.input} == {i.name for i in p_proto.graph.input}
-    # ONNX Runtime's CPU provider cannot run bf16 TopK, so compare the weights themselves: every streamed
-    # checkpoint tensor must hold exactly the bytes of the plain export's same-named initializer.
-    from onnx.numpy_helper import to_array
-
-    s_full = onnx.load(tmp_path / "s" / "transformer" / "model.onnx")
-    p_full = onnx.load(tmp_path / "p" / "transformer" / "model.onnx")
-    p_inits = {i.name: i for i in p_full.graph.initializer}
-    compared = 0
-    for init in s_full.graph.initializer:
-        if init.name in p_inits and init.name in streamed["initializer_map"]:
-            assert to_array(init).tobytes() == to_array(p_inits[init.name]).tobytes(), init.name
-            compared += 1
-    assert compared > 100
+    plain = export_transformer(ckpt, "fast", tmp_path / "p", streaming=False, **kw)
     assert streamed["initializers"] >= 300
+    a, = _outputs(tmp_path / "s", streamed, sizes=((256, 256),))
+    b, = _outputs(tmp_path / "p", plain, sizes=((256, 256),))
+    assert np.array_equal(a, b)
 
 
 def test_real_config_graph_without_weights():

@@ -26,14 +26,15 @@ import time
 from pathlib import Path
 
 EXPORT_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from hidream_export.export.transformer import export_transformer
 streaming = sys.argv[4] == "streaming" if len(sys.argv) > 4 else True
 dtype = sys.argv[5] if len(sys.argv) > 5 else "fp32"
 t0 = time.perf_counter()
 export_transformer(sys.argv[1], "dev", sys.argv[2], moe=sys.argv[3], force=True, streaming=streaming, dtype=dtype)
-print(json.dumps({"seconds": time.perf_counter() - t0,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
+hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": hwm}))
 """
 
 

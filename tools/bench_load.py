@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from pathlib import Path
 method, path, dtype = sys.argv[1], Path(sys.argv[2]), getattr(torch, sys.argv[3])
 from hidream_export.model import HiDreamTransformer, TransformerConfig
@@ -36,7 +36,8 @@ else:
     model.load_state_dict(state)
     del state
 elapsed = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec (the parent's peak would leak in).
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 print(json.dumps({"method": method, "base": base, "peak": peak, "seconds": elapsed}))
 """
 
