@@ -140,7 +140,8 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
         else:
             folder, what = _subfolder(checkpoint, spec.subfolder, spec.description), spec.description
         settings = {"recipe": encoders_mod.RECIPE_VERSION, "dtype": encoder_dtype, "opset": opset,
-                    "exporter": exporter, "text_length": TEXT_LENGTH, "max_batch": encoders_mod.MAX_TEXT_BATCH}
+                    "exporter": exporter, "text_length": TEXT_LENGTH, "max_batch": encoders_mod.MAX_TEXT_BATCH,
+                    "streaming": name in encoders_mod.STREAMING}
         plan.append(SharedComponent(
             name, name, ONNX_NAME, onnx_files, folder, encoders_mod.model_source_files(folder, what), settings,
             lambda out, n=name, f=folder: encoders_mod.export_encoder(n, f, out, dtype=encoder_dtype, opset=opset,

@@ -39,6 +39,8 @@ EXPORTERS = ("auto", "dynamo", "torchscript")
 MAX_TEXT_BATCH = 2 * MAX_IMAGES_PER_PROMPT
 # Bumped whenever a wrapper below changes what it computes, so shared exports keyed on it are redone.
 RECIPE_VERSION = 1
+# Encoders exported by streaming by default (export_encoder's `streaming`): the large ones. CLIP is small.
+STREAMING = frozenset({"t5", "llama"})
 
 # Files a transformers/diffusers model folder loads its weights from (top level only: a Meta-Llama download
 # also carries original/consolidated.*.pth, which from_pretrained never reads).
@@ -337,23 +339,54 @@ def _sample_inputs(name: str, config) -> tuple:
 
 
 def export_encoder(name: str, folder: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
-                   opset: int = DEFAULT_OPSET, exporter: str = "auto") -> dict:
+                   opset: int = DEFAULT_OPSET, exporter: str = "auto", streaming: bool | None = None) -> dict:
     """Export text encoder `name` ("clip_l", "clip_g", "t5", "llama") from its model folder into out_dir.
 
     Writes out_dir/model.onnx + model.onnx.data (out_dir should be a fresh folder: the caller makes the
-    result atomic). Returns the manifest fields of the component except path/files/source."""
+    result atomic). Returns the manifest fields of the component except path/files/source.
+
+    streaming=None (default) streams the large encoders (STREAMING: T5, Llama) when their weights are
+    safetensors and the exporter is not "torchscript": the graph is traced on fake tensors and the weights
+    copied one tensor at a time (export/streaming.py), so the 16 GB Llama is never held in memory.
+    streaming=False is the plain path (load, then torch.onnx.export); streaming=True insists on streaming.
+    With exporter "auto", a failing streaming export falls back to the plain path (recorded)."""
     import onnx
     import torch
     import transformers
 
     t0 = time.perf_counter()
-    model, config = load_encoder(name, folder, dtype)
+    folder = Path(folder)
+    if streaming is None:
+        streaming = name in STREAMING and exporter != "torchscript" and bool(_safetensors_files(folder))
+    elif streaming and (name not in STREAMING or exporter == "torchscript"):
+        raise ExportError(f"streaming export is for {sorted(STREAMING)} with the dynamo exporter, "
+                          f"not {name!r} with {exporter!r}")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter {exporter!r} is not one of {EXPORTERS}")
+    info: dict | None = None
+    if streaming:
+        try:
+            config, info = _export_streaming(name, folder, Path(out_dir), dtype=dtype, opset=opset)
+        except Exception as exc:  # noqa: BLE001 - "auto" falls back to the plain path, recorded
+            if exporter != "auto":
+                raise
+            line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            log.warning("streaming export of %s failed (%s); retrying with the plain path", name, line)
+            _clear(Path(out_dir))
+            fallback, info = f"streaming: {line}", None
+    if info is None:
+        model, config = load_encoder(name, folder, dtype)
+        args = _sample_inputs(name, config)
+        batch = Axis("batch", 1, MAX_TEXT_BATCH)
+        io = encoder_io(name, config, dtype)
+        info = export_onnx(model, args, Path(out_dir), input_names=[i["name"] for i in io["inputs"]],
+                           output_names=[o["name"] for o in io["outputs"]], dynamic=[{0: batch}] * len(args),
+                           opset=opset, exporter=exporter)
+        info["streaming"] = False
+        if streaming:
+            info.setdefault("exporter_fallback", fallback)
+        del model
     io = encoder_io(name, config, dtype)
-    args = _sample_inputs(name, config)
-    batch = Axis("batch", 1, MAX_TEXT_BATCH)
-    info = export_onnx(model, args, Path(out_dir), input_names=[i["name"] for i in io["inputs"]],
-                       output_names=[o["name"] for o in io["outputs"]], dynamic=[{0: batch}] * len(args),
-                       opset=opset, exporter=exporter)
     return {
         "kind": "onnx",
         "dtype": dtype,
@@ -364,6 +397,180 @@ def export_encoder(name: str, folder: str | Path, out_dir: str | Path, *, dtype:
                      "hidream_export": _own_version()},
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+# ---- streaming export (T5, Llama) ------------------------------------------------------------------------
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads: the index's shards, else model.safetensors; [] if none."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ExportError(f"{index}: unreadable shard index ({exc})") from None
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _checkpoint_entries(folder: Path) -> dict:
+    """Every tensor of the folder's safetensors files: file key -> TensorEntry (headers only)."""
+    from hidream_export.model.checkpoint import read_header
+
+    files = _safetensors_files(folder)
+    if not files:
+        raise ExportError(f"{folder}: streaming export needs safetensors weights (model.safetensors or an index)")
+    entries: dict = {}
+    for path in files:
+        if not path.is_file():
+            raise ExportError(f"{path}: shard listed in model.safetensors.index.json is missing")
+        entries.update(read_header(path)[0])
+    return entries
+
+
+def _encoder_class_and_kwargs(name: str):
+    import transformers
+
+    spec = _spec(name)
+    kwargs = {"attn_implementation": "eager"} if name == "llama" else {}  # as load_encoder
+    return getattr(transformers, spec.model_class), kwargs
+
+
+def trace_encoder_weightless(name: str, folder: str | Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET):
+    """Encoder `name` built from its config on fake tensors, wrapped as in the plain path and converted to ONNX
+    (optimize=False). Returns (onnx program, config, fake wrapped module); no weight is allocated."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.export import Dim
+
+    cls, kwargs = _encoder_class_and_kwargs(name)
+    tdtype = torch_dtype(dtype)
+    with _quiet_transformers():
+        config = cls.config_class.from_pretrained(str(folder))
+    real_args = _sample_inputs(name, config)
+    clip, t5, llama = _wrappers()
+    wrapper = {"t5": t5, "llama": llama, "clip_l": clip, "clip_g": clip}[name]
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode:
+        # Module.to() cannot swap fake parameters: build directly in the export dtype instead.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(tdtype)
+        try:
+            with _quiet_transformers():
+                model = cls._from_config(config, dtype=tdtype, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+        module = wrapper(model.eval()).eval()
+        args = tuple(mode.from_tensor(a) for a in real_args)
+        batch = Dim("batch", min=1, max=MAX_TEXT_BATCH)
+        # As torch.onnx.export's own capture of a module (the plain path): non-strict, size-oblivious.
+        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args), strict=False)
+    io = encoder_io(name, config, dtype)
+    with torch.no_grad():  # the decompositions fail on T5's attention reshape with grad mode on
+        onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, opset_version=opset,
+                                         input_names=[i["name"] for i in io["inputs"]],
+                                         output_names=[o["name"] for o in io["outputs"]])
+    return onnx_program, config, module
+
+
+def encoder_initializer_map(names, module, entries: dict) -> dict[str, str]:
+    """Each initializer name -> the checkpoint key it is read from, or "computed:<name>" for a non-persistent
+    buffer (e.g. rotary `inv_freq`). Tied weights (T5's encoder.embed_tokens = shared) resolve through every
+    name the tensor has in the module; the wrapper's "model." prefix and the base-model prefix (Llama's
+    checkpoint is LlamaForCausalLM's, keys "model.layers...") are tried both ways."""
+    tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    aliases: dict[int, list[str]] = {}
+    for full, tensor in tensors:
+        aliases.setdefault(id(tensor), []).append(full)
+    by_name = {n: aliases[id(t)] for n, t in tensors}
+    non_persistent = {f"{prefix}.{b}" if prefix else b for prefix, sub in module.named_modules()
+                      for b in getattr(sub, "_non_persistent_buffers_set", ())}
+    base = getattr(getattr(module, "model", None), "base_model_prefix", "") or ""
+    mapping, unknown = {}, []
+    for name in names:
+        found = None
+        for alias in by_name.get(name, [name]):
+            key = alias[len("model."):] if alias.startswith("model.") else alias
+            candidates = [key, f"{base}.{key}" if base else key]
+            if base and key.startswith(base + "."):
+                candidates.append(key[len(base) + 1:])
+            found = next((c for c in candidates if c in entries), None)
+            if found:
+                break
+        if found:
+            mapping[name] = found
+        elif name in non_persistent:
+            mapping[name] = f"computed:{name}"
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ExportError(f"traced encoder graph has initializers with no source in the checkpoint: {unknown[:5]}")
+    return mapping
+
+
+def _computed_buffer(module, name: str, dtype):
+    """A non-persistent buffer's real value: the owning submodule rebuilt (outside fake mode) from its config,
+    in the export dtype as the plain path builds it. Small modules only (rotary embeddings)."""
+    import torch
+
+    owner_path, _, buffer = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    config = getattr(owner, "config", None)
+    if config is None:
+        raise ExportError(f"cannot compute buffer {name!r}: its module {type(owner).__name__} has no config")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        real = type(owner)(config=config)
+    finally:
+        torch.set_default_dtype(previous)
+    return getattr(real, buffer).detach().clone()
+
+
+def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, opset: int):
+    """Trace on fake tensors, weightless-optimize, lay out, save the graph, stream the weights from the
+    folder's safetensors. Returns (config, info) where info has exporter/opset/streaming/initializer_map."""
+    import onnx_ir as ir
+    import torch
+
+    from hidream_export.export import streaming
+    from hidream_export.model.checkpoint import read_tensor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir}: not empty; export into a fresh folder")
+    entries = _checkpoint_entries(folder)
+    onnx_program, config, module = trace_encoder_weightless(name, folder, dtype, opset)
+    names = streaming.weightless_optimize(onnx_program.model)
+    mapping = encoder_initializer_map(names, module, entries)
+    slots = streaming.layout(onnx_program.model, names, DATA_NAME)
+    onnx_path, data_path, journal = out_dir / ONNX_NAME, out_dir / DATA_NAME, out_dir / streaming.JOURNAL
+    streaming.save_graph(onnx_program.model, onnx_path)
+    del onnx_program
+    torch_of = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
+                ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.DOUBLE: torch.float64,
+                ir.DataType.INT64: torch.int64, ir.DataType.INT32: torch.int32, ir.DataType.BOOL: torch.bool}
+    slot_dtype = {s.name: torch_of[s.dtype] for s in slots}
+    tdtype = torch_dtype(dtype)
+
+    def fetch(init: str):
+        source = mapping[init]
+        if source.startswith("computed:"):
+            return _computed_buffer(module, init, tdtype).to(slot_dtype[init])
+        entry = entries[source]
+        with open(entry.file, "rb") as fh:
+            return read_tensor(fh, entry, slot_dtype[init])
+
+    streaming.stream_weights(data_path, slots, fetch, journal, desc=name)
+    journal.unlink(missing_ok=True)
+    if not data_path.exists():
+        data_path.write_bytes(b"")
+    _check(onnx_path)
+    return config, {"exporter": "dynamo", "opset": opset, "streaming": True, "initializer_map": mapping}
 
 
 def _own_version() -> str:
