@@ -17,6 +17,7 @@ which keeps ``import hidream_export.runtime`` fast.
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import importlib
 from pathlib import Path
@@ -50,7 +51,7 @@ class Session(Protocol):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-class Backend:
+class Backend(abc.ABC):
     """Base class of the backends: loads manifest components into Sessions.
 
     ``thread_safe`` says whether two threads may call ``run`` on the same Session at once (ORT: yes;
@@ -69,8 +70,9 @@ class Backend:
         """
         return name
 
+    @abc.abstractmethod
     def load(self, folder: str | Path, entry: Mapping[str, Any]) -> Session:
-        raise NotImplementedError
+        """A session for one manifest component (`entry`) of the engine folder `folder`."""
 
     def describe(self) -> str:
         """One line for reports: which backend, with which settings."""

@@ -30,6 +30,7 @@ and UniPC computes in the sample's dtype.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -107,7 +108,7 @@ def _as_float_array(name: str, value: Any) -> np.ndarray:
     return arr
 
 
-class _FlowScheduler:
+class _FlowScheduler(abc.ABC):
     """What both schedulers share: flavour/shift bookkeeping, the schedule arrays and input checks."""
 
     kind: str = ""  # Variant.scheduler value
@@ -134,8 +135,9 @@ class _FlowScheduler:
         self._timesteps, self._sigmas = timesteps, sigmas
         self._reset()
 
+    @abc.abstractmethod
     def _schedule(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """(timesteps, sigmas) for n steps; each scheduler's own formula."""
 
     def _reset(self) -> None:
         """Forget per-run state (multistep history); called by set_timesteps."""
