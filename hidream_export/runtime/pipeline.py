@@ -435,17 +435,7 @@ def _verify(folder: Path, manifest: dict, names: Sequence[str], full: bool) -> N
     """Check the components' files (existence, size and, with ``full``, SHA-256), hashing components
     in parallel (hashlib releases the GIL); the first failure in ``names`` order is raised."""
     def check(name: str) -> None:
-        if full:
-            verify_component(folder, manifest, name)
-            return
-        comp = manifest.get("components", {}).get(name)
-        if comp is None:
-            raise ManifestError(f"{folder / 'manifest.json'}: no component {name!r}")
-        for rel, meta in comp.get("files", {}).items():
-            path = folder / rel
-            if not path.exists() or path.stat().st_size != meta.get("bytes", path.stat().st_size):
-                raise ManifestError(f"{path}: missing or of the wrong size (listed in {folder / 'manifest.json'} "
-                                    f"for component {name!r})")
+        verify_component(folder, manifest, name, check_hashes=full)
 
     unique = list(dict.fromkeys(names))
     with ThreadPoolExecutor(max_workers=min(8, len(unique))) as pool:
