@@ -21,7 +21,7 @@ Later issues add "triton" (grouped-GEMM kernels) and the ONNX `plugin` node; the
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -69,6 +69,22 @@ def routing_weight_matrix(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num
     experts = torch.arange(num_experts, device=topk_idx.device)
     hit = topk_idx[..., None] == experts  # (T, k, E)
     return torch.where(hit, topk_weight[..., None], torch.zeros_like(topk_weight[..., None])).sum(dim=1)
+
+
+def gather_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                   experts: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """The `gather` dispatch: per expert, run it on the rows that picked it and scatter them back weighted.
+
+    Shared by the `gather` lowering and the body of the exported HiDreamMoE function (stacked weights)."""
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        # (T, k) mask; a token picks an expert at most once, so the token indices are unique.
+        tokens, slots = torch.nonzero(topk_idx == e, as_tuple=True)
+        rows = expert(x[tokens]) * topk_weight[tokens, slots][:, None]
+        # Plain scatter into zeros, then add: the same ascending-expert summation as the official code,
+        # without a scatter-reduction (which TensorRT rejects).
+        out = out + torch.zeros_like(x).index_put((tokens,), rows)
+    return out
 
 
 class MoEFeedForward(nn.Module):
@@ -120,15 +136,7 @@ class MoEFeedForward(nn.Module):
         return (outs * weights[..., None]).sum(dim=1)
 
     def _gather(self, x, topk_idx, topk_weight):
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            picked = topk_idx == e  # (T, k); a token picks an expert at most once
-            tokens, slots = torch.nonzero(picked, as_tuple=True)
-            rows = expert(x[tokens]) * topk_weight[tokens, slots][:, None]
-            # Plain scatter (indices are unique within one expert) into zeros, then add: the same
-            # ascending-expert summation as the official code, without a scatter-reduction.
-            out = out + torch.zeros_like(x).index_put((tokens,), rows)
-        return out
+        return gather_experts(x, topk_idx, topk_weight, self.experts)
 
     # Stacked weights in TensorRT's MoE layout: gate/up (E, D, I), down (E, I, D).
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

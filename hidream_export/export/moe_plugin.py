@@ -15,20 +15,18 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from hidream_export.model.moe import gather_experts
 from hidream_export.plugins import moe_op, schema  # noqa: F401  (registers torch.ops.hidream.moe_experts)
 
 TORCH_LOWERING = "triton"  # what the traced model calls: torch.ops.hidream.moe_experts
 
 
 def experts_gather(hidden, selected_experts, scores, gate_weights, up_weights, down_weights, num_experts: int):
-    """HiDreamMoE semantics with stacked weights: per expert, gather its rows, SwiGLU, weighted scatter."""
-    out = torch.zeros_like(hidden)
-    for e in range(num_experts):
-        tokens, slots = torch.nonzero(selected_experts == e, as_tuple=True)
-        h = hidden[tokens]
-        y = (torch.nn.functional.silu(h @ gate_weights[e]) * (h @ up_weights[e])) @ down_weights[e]
-        out = out + torch.zeros_like(hidden).index_put((tokens,), y * scores[tokens, slots][:, None])
-    return out
+    """HiDreamMoE semantics with stacked weights: the `gather` lowering's dispatch, SwiGLU experts."""
+    def expert(e: int):
+        return lambda h: (torch.nn.functional.silu(h @ gate_weights[e]) * (h @ up_weights[e])) @ down_weights[e]
+
+    return gather_experts(hidden, selected_experts, scores, [expert(e) for e in range(num_experts)])
 
 
 def register_onnx_schema() -> None:
