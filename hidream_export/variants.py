@@ -47,13 +47,22 @@ class SizeRange:
                 f"size range must satisfy min <= opt <= max per axis, got min={self.min[0]}x{self.min[1]} "
                 f"opt={self.opt[0]}x{self.opt[1]} max={self.max[0]}x{self.max[1]}")
 
-    def check(self, width: int, height: int) -> None:
+    def check(self, width: int, height: int, max_seq: int | None = None, patch_px: int = SIZE_MULTIPLE) -> None:
+        """Raise ValueError unless (width, height) is in range; with `max_seq`, also unless the transformer
+        can run it (non-square inputs are padded to max_seq image tokens of patch_px x patch_px pixels)."""
         for name, v, lo, hi in (("width", width, self.min[0], self.max[0]), ("height", height, self.min[1], self.max[1])):
             if not isinstance(v, int) or v % SIZE_MULTIPLE:
                 raise ValueError(f"{name}={v!r} must be an integer multiple of {SIZE_MULTIPLE}")
             if not lo <= v <= hi:
                 raise ValueError(
                     f"{name}={v} is outside the exported range {self.describe()}")
+        tokens = (width // patch_px) * (height // patch_px)
+        if max_seq is not None and width != height and tokens > max_seq:
+            raise ValueError(
+                f"{width}x{height} is not square and needs {tokens} image tokens, but the transformer pads "
+                f"non-square inputs to max_seq={max_seq} tokens (a {patch_px}-px patch each), so it "
+                f"cannot run; use a square size or one with (width/{patch_px})*(height/{patch_px}) <= "
+                f"{max_seq} within {self.describe()}")
 
     def describe(self) -> str:
         return (f"{self.min[0]}x{self.min[1]} .. {self.max[0]}x{self.max[1]} px (WxH, multiples of "

@@ -163,10 +163,7 @@ def compare_onnx(checkpoint: str | Path, model_path: str | Path, *, sizes=None, 
         raise ValueError(f"--batch {batch} is outside the exported batch range {lo}..{hi} "
                          f"(multiples of {entry['batch_multiple']})")
     for w, h in sizes:
-        size_range.check(w, h)
-        if w != h and (w // SIZE_MULTIPLE) * (h // SIZE_MULTIPLE) > entry["max_seq"]:
-            raise ValueError(f"size {w}x{h} is non-square with {(w // 16) * (h // 16)} patches; the model pads "
-                             f"non-square inputs to {entry['max_seq']} tokens, so it cannot run")
+        size_range.check(w, h, max_seq=entry["max_seq"])
 
     reference = load_transformer(checkpoint, dtype=torch.float32, moe_lowering="reference", config=config,
                                  rope_dtype="float64")

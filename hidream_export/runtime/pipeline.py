@@ -251,14 +251,7 @@ class Pipeline:
             if value % SIZE_MULTIPLE:
                 raise ValueError(f"{name}={value} is not a multiple of {SIZE_MULTIPLE} px; allowed sizes: "
                                  f"{info.size_range.describe()}")
-        info.size_range.check(width, height)
-        tokens = (width // info.patch_px) * (height // info.patch_px)
-        if width != height and tokens > info.max_seq:
-            raise ValueError(
-                f"{width}x{height} is not square and needs {tokens} image tokens, but the transformer pads "
-                f"non-square inputs to max_seq={info.max_seq} tokens (a {info.patch_px}-px patch each), so it "
-                f"cannot run; use a square size or one with (width/{info.patch_px})*(height/{info.patch_px}) <= "
-                f"{info.max_seq} within {info.size_range.describe()}")
+        info.size_range.check(width, height, max_seq=info.max_seq, patch_px=info.patch_px)
 
     # --- generation -------------------------------------------------------------------------------
     def __call__(self, prompt: str, negative_prompt: str | None = None, width: int | None = None,
