@@ -260,7 +260,7 @@ def export_transformer(checkpoint: str | Path, variant: str, out_dir: str | Path
     import onnx
     import torch
 
-    from hidream_export.model.checkpoint import CheckpointError, locate_checkpoint
+    from hidream_export.model.checkpoint import CheckpointError, check_keys, locate_checkpoint
 
     v = get_variant(variant)
     if moe not in EXPORT_LOWERINGS:
@@ -271,6 +271,7 @@ def export_transformer(checkpoint: str | Path, variant: str, out_dir: str | Path
     out_dir = Path(out_dir) if out_dir else Path("engines") / v.name
     try:
         ckpt = locate_checkpoint(checkpoint, config)
+        check_keys(ckpt)  # both paths: missing/extra/wrong-shaped keys before any tracing or writing
     except CheckpointError as exc:
         raise ExportError(f"checkpoint failed to load: {exc}") from None
     check_variant_matches_checkpoint(checkpoint, v)
