@@ -121,6 +121,26 @@ def read_tensor(fh, entry: TensorEntry, dtype: torch.dtype | None = None, out: t
     return raw if dtype is None or dtype == raw.dtype else raw.to(dtype)
 
 
+def read_tensor_chunks(fh, entry: TensorEntry, dtype: torch.dtype | None = None, chunk_bytes: int = 8 * 2**20):
+    """Yield one tensor's bytes (cast to `dtype` if given), in order, a piece of at most ~chunk_bytes at a
+    time, so that nothing the size of the tensor is ever held. Each piece is a view of a reused buffer:
+    consume it before asking for the next one."""
+    src = DTYPES[entry.dtype]
+    dst = dtype or src
+    n = math.prod(entry.shape)
+    per = max(1, chunk_bytes // max(src.itemsize, dst.itemsize))
+    buf = torch.empty(min(per, n), dtype=src)
+    fh.seek(entry.begin)
+    for start in range(0, n, per):
+        k = min(per, n - start)
+        piece = buf[:k]
+        if fh.readinto(memoryview(piece.view(torch.uint8).numpy())) != k * src.itemsize:
+            raise CheckpointError(f"{entry.file}: truncated while reading {entry.key!r}")
+        if dst != src:
+            piece = piece.to(dst)  # elementwise, so the same numbers as casting the whole tensor
+        yield memoryview(piece.view(torch.uint8).numpy())
+
+
 # ---- locating a checkpoint ------------------------------------------------------------------------
 
 @dataclass

@@ -105,11 +105,26 @@ class HiDreamTransformer(nn.Module):
                 f"got {tuple(llama.shape)}")
 
     # ---- forward ---------------------------------------------------------------------------------
+    # The forward is three stages around the two block stacks. The export traces each stage and one block
+    # of each kind on its own (hidream_export/export/blockwise.py), so the steps below are the single
+    # definition of what happens between blocks.
     def forward(self, hidden_states: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states_t5: torch.Tensor,
                 encoder_hidden_states_llama3: torch.Tensor, pooled_embeds: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.check_inputs(hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3,
                               pooled_embeds)
+        img, temb, txt0, llama, ctx = self.embed(hidden_states, timesteps, encoder_hidden_states_t5,
+                                                 encoder_hidden_states_llama3, pooled_embeds)
+        for i, block in enumerate(self.double_stream_blocks):
+            img, txt0 = double_step(block, img, txt0, llama[i], temb, ctx)
+        h = torch.cat([img, txt0], dim=1)
+        for j, block in enumerate(self.single_stream_blocks):
+            h = single_step(block, h, llama[self.config.num_layers + j], temb, ctx)
+        return self.unembed(h, temb, hidden_states)
+
+    def embed(self, hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3, pooled_embeds):
+        """Inputs -> (image tokens, conditioning, T5 + last-Llama text tokens, one projected Llama layer per
+        block, attention context)."""
         c = self.config
         p = c.patch_size
         B, C, H, W = hidden_states.shape
@@ -132,17 +147,14 @@ class HiDreamTransformer(nn.Module):
         n_txt = txt0.shape[1] + llama[0].shape[1]
 
         ctx = self._attention_context(rows, cols, n_txt, H, W, hidden_states.device)
+        return img, temb, txt0, llama, ctx
 
-        for i, block in enumerate(self.double_stream_blocks):
-            img, txt = block(img, torch.cat([txt0, llama[i]], dim=1), temb, ctx)
-            txt0 = txt[:, :txt0.shape[1]]  # the block's Llama tokens are dropped after each block
-
-        h = torch.cat([img, txt0], dim=1)
-        keep = h.shape[1]
-        for j, block in enumerate(self.single_stream_blocks):
-            h = block(torch.cat([h, llama[c.num_layers + j]], dim=1), temb, ctx)[:, :keep]
-
-        out = self.final_layer(h[:, :n_img], temb)
+    def unembed(self, h: torch.Tensor, temb: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Joint tokens after the last block -> the output latent (shaped like `hidden_states`)."""
+        p = self.config.patch_size
+        B, _, H, W = hidden_states.shape
+        rows, cols = H // p, W // p
+        out = self.final_layer(h[:, :rows * cols], temb)
         return out.reshape(B, rows, cols, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
 
     def _attention_context(self, rows, cols, n_txt, H, W, device) -> AttentionContext:
@@ -156,6 +168,18 @@ class HiDreamTransformer(nn.Module):
         key_scale = torch.cat([one.expand(n_img), one * 0, one.expand(n_txt)])
         bias = torch.cat([(one * 0).expand(n_img), torch.log(n_pad).reshape(1), (one * 0).expand(n_txt)])
         return AttentionContext(cos, sin, key_scale, bias)
+
+
+def double_step(block, img, txt0, llama_i, temb, ctx):
+    """One double-stream block: its text input is the running T5/Llama tokens plus this block's Llama
+    layer, and the block's Llama tokens are dropped again after it."""
+    img, txt = block(img, torch.cat([txt0, llama_i], dim=1), temb, ctx)
+    return img, txt[:, :txt0.shape[1]]
+
+
+def single_step(block, h, llama_j, temb, ctx):
+    """One single-stream block over the joint tokens plus this block's Llama layer, which is dropped after."""
+    return block(torch.cat([h, llama_j], dim=1), temb, ctx)[:, :h.shape[1]]
 
 
 def padding_multiplicity(H, W, n_img, max_seq, device) -> torch.Tensor:

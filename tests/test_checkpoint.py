@@ -121,3 +121,34 @@ def test_not_a_checkpoint(tmp_path):
         load_transformer(tmp_path)
     with pytest.raises(CheckpointError, match="no such file"):
         load_transformer(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("src, dst", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                      (torch.float16, None)])
+def test_chunked_read_gives_the_bytes_of_the_cast_tensor(tmp_path, src, dst):
+    """read_tensor_chunks (the streaming export's reader) against safetensors' own loader plus torch's
+    cast: same bytes, read in many small pieces none of which is the whole tensor."""
+    from hidream_export.model.checkpoint import read_header, read_tensor_chunks
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(37, 53).to(src), "b": torch.randn(5).to(src)}, path)
+    entries, _ = read_header(path)
+    oracle = load_file(path)
+    for key in ("a", "b"):
+        with open(path, "rb") as fh:
+            pieces = [bytes(p) for p in read_tensor_chunks(fh, entries[key], dst, chunk_bytes=100)]
+        want = oracle[key].to(dst or src).contiguous().view(torch.uint8).numpy().tobytes()
+        assert b"".join(pieces) == want
+        assert key == "b" or (len(pieces) > 10 and max(map(len, pieces)) <= 100)
+
+
+def test_chunked_read_of_a_truncated_file_names_the_file(tmp_path):
+    from hidream_export.model.checkpoint import read_header, read_tensor_chunks
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(64, 64)}, path)
+    entries, _ = read_header(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 1000)
+    with open(path, "rb") as fh, pytest.raises(CheckpointError, match="w.safetensors: truncated while reading 'a'"):
+        list(read_tensor_chunks(fh, entries["a"], chunk_bytes=4096))

@@ -538,7 +538,7 @@ def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, ops
     import torch
 
     from hidream_export.export import streaming
-    from hidream_export.model.checkpoint import read_tensor
+    from hidream_export.model.checkpoint import read_tensor_chunks
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
@@ -562,8 +562,12 @@ def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, ops
         if source.startswith("computed:"):
             return _computed_buffer(module, init, tdtype).to(slot_dtype[init])
         entry = entries[source]
+        # In pieces: Llama's 1 GiB embedding table is never held whole (nor its cast copy).
+        return streaming.TensorPieces(entry.shape, pieces(entry, slot_dtype[init]))
+
+    def pieces(entry, dtype):
         with open(entry.file, "rb") as fh:
-            return read_tensor(fh, entry, slot_dtype[init])
+            yield from read_tensor_chunks(fh, entry, dtype)
 
     streaming.stream_weights(data_path, slots, fetch, journal, desc=name)
     journal.unlink(missing_ok=True)

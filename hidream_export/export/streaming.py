@@ -11,6 +11,10 @@ them, at once: users report running out of memory on 12B+ diffusion transformers
    protobuf is written with those references, and the weights are streamed into their slots one tensor at
    a time from the checkpoint (plain file reads, cast to the export dtype on the way).
 
+The transformer does steps 1-3 per part (export/blockwise.py: one block of each kind is traced and the
+graph is written block by block), so its graph memory does not grow with depth; the text encoders
+(export/encoders.py) are traced whole.
+
 Initializers keep the checkpoint's key names (the exporter names parameters after their state-dict keys),
 so the name map the TensorRT refit needs is the identity for checkpoint weights; the few computed tensors
 (RoPE tables) are listed with their origin. Peak memory: the traced graph plus one tensor.
@@ -26,7 +30,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +86,14 @@ def layout(model: ir.Model, names: list[str], data_name: str) -> list[Slot]:
     return slots
 
 
+@dataclass
+class TensorPieces:
+    """A tensor given as its shape and its bytes in order, piece by piece (see stream_weights)."""
+
+    shape: tuple[int, ...]
+    pieces: "Iterable[bytes | memoryview]"
+
+
 def data_size(slots: list[Slot]) -> int:
     return max((s.offset + s.length for s in slots), default=0)
 
@@ -122,8 +134,9 @@ class Progress:
 
 def stream_weights(data_path: Path, slots: list[Slot], fetch: Callable[[str], "object"], journal: Path,
                    start: int = 0, quiet: bool = True, desc: str = "weights", journal_base: dict | None = None) -> None:
-    """Write every slot's tensor (from `fetch(name)`, a torch tensor of the right dtype and shape) into
-    the data file, one at a time; record progress so an interrupted run can resume at `start`."""
+    """Write every slot's tensor into the data file, one at a time; record progress so an interrupted run
+    can resume at `start`. `fetch(name)` gives a torch tensor of the slot's dtype and shape, or TensorPieces
+    (a large tensor copied without ever being held whole)."""
     total = data_size(slots)
     mode = "r+b" if data_path.exists() else "w+b"
     progress = Progress(sum(s.length for s in slots[start:]), len(slots) - start, quiet, desc)
@@ -132,15 +145,22 @@ def stream_weights(data_path: Path, slots: list[Slot], fetch: Callable[[str], "o
             fh.truncate(total)
             for i in range(start, len(slots)):
                 slot = slots[i]
-                tensor = fetch(slot.name)
-                if tuple(tensor.shape) != slot.shape:
-                    raise ValueError(f"tensor {slot.name!r} has shape {tuple(tensor.shape)}, the graph expects {slot.shape}")
-                data = tensor_bytes(tensor)
-                if len(data) != slot.length:
-                    raise ValueError(f"tensor {slot.name!r} has {len(data)} bytes, the graph expects {slot.length}")
+                source = fetch(slot.name)
+                if tuple(source.shape) != slot.shape:
+                    raise ValueError(f"tensor {slot.name!r} has shape {tuple(source.shape)}, "
+                                     f"the graph expects {slot.shape}")
+                pieces = source.pieces if isinstance(source, TensorPieces) else (tensor_bytes(source),)
                 fh.seek(slot.offset)
-                fh.write(data)
-                del tensor, data
+                written = 0
+                for piece in pieces:
+                    written += len(piece)
+                    if written > slot.length:
+                        break
+                    fh.write(piece)
+                if written != slot.length:
+                    raise ValueError(f"tensor {slot.name!r} has {'more than ' if written > slot.length else ''}"
+                                     f"{written} bytes, the graph expects {slot.length}")
+                del source, pieces
                 progress.update(slot.length)
                 if (i + 1) % 32 == 0 or i + 1 == len(slots):
                     fh.flush()

@@ -399,37 +399,14 @@ def _export_plain(ckpt, tmp: Path, *, cfg, variant, size_range, batch, tdtype, o
     return {n: n for n in names if n in ckpt.entries}
 
 
-def trace_weightless(cfg, variant, size_range, batch, tdtype, opset, torch_lowering="gather", translation=None,
-                     max_positions=None):
-    """The transformer's ONNX program traced on fake tensors: the graph, with no weight allocated."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from hidream_export.model import HiDreamTransformer
-
-    with FakeTensorMode():
-        # Module.to() cannot swap fake parameters: build directly in the export dtype instead.
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(tdtype)
-        try:
-            model = HiDreamTransformer(cfg, moe_lowering=torch_lowering, rope_dtype="float32",
-                                       rope_max_positions=max_positions).eval()
-        finally:
-            torch.set_default_dtype(previous)
-        args = sample_inputs(cfg, variant, size_range, batch, tdtype)
-        program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes(cfg, size_range, batch), strict=False)
-    return torch.onnx.export(program, dynamo=True, optimize=False, input_names=list(INPUT_NAMES),
-                             output_names=list(OUTPUT_NAMES), opset_version=opset,
-                             custom_translation_table=translation)
-
-
 def _export_streaming(ckpt, tmp: Path, *, cfg, variant, size_range, batch, tdtype, opset, torch_lowering,
                       translation, max_positions, quiet, key, moe) -> dict:
-    """Trace on fake tensors, lay out the external data, stream the weights (resuming if possible)."""
+    """Trace block by block on fake tensors (export/blockwise.py), write the graph with external references,
+    stream the weights (resuming if possible)."""
     import torch
 
     from hidream_export.export import streaming
-    from hidream_export.model.checkpoint import read_tensor
+    from hidream_export.model.checkpoint import read_tensor_chunks
     from hidream_export.model.embeddings import RopeTables
 
     onnx_path, data_path, journal = tmp / ONNX_NAME, tmp / DATA_NAME, tmp / streaming.JOURNAL
@@ -440,28 +417,33 @@ def _export_streaming(ckpt, tmp: Path, *, cfg, variant, size_range, batch, tdtyp
     else:
         for p in tmp.iterdir():
             p.unlink()
-        onnx_program = trace_weightless(cfg, variant, size_range, batch, tdtype, opset, torch_lowering, translation,
-                                        max_positions)
-        names = streaming.weightless_optimize(onnx_program.model)
-        unknown = [n for n in names if n not in ckpt.entries and not n.startswith("rope.")]
+        from hidream_export.export import blockwise
+
+        slots = blockwise.export_graph(cfg, onnx_path, DATA_NAME, variant=variant, size_range=size_range, batch=batch,
+                                       tdtype=tdtype, opset=opset, torch_lowering=torch_lowering,
+                                       translation=translation, max_positions=max_positions,
+                                       moe_plugin_opset=opset if moe == "plugin" else None)
+        unknown = [s.name for s in slots if s.name not in ckpt.entries and not s.name.startswith("rope.")]
         if unknown:
             raise ExportError(f"traced graph has initializers with no source in the checkpoint: {unknown[:5]}")
-        slots = streaming.layout(onnx_program.model, names, DATA_NAME)
-        if moe == "plugin":
-            from hidream_export.export import moe_plugin
-
-            moe_plugin.attach_function(onnx_program.model, opset)
-        streaming.save_graph(onnx_program.model, onnx_path)
+        unused = sorted(set(ckpt.entries) - {s.name for s in slots})
+        if unused:  # a weight the graph never reads: the export would silently drop part of the model
+            raise ExportError(f"{len(unused)} checkpoint tensors have no place in the traced graph: {unused[:5]}")
         start = 0
         streaming._write_journal(journal, {"key": key, "graph_done": True, "done": 0, "total": len(slots)})
     rope = RopeTables(cfg.axes_dims_rope, max_positions, "float32")
 
+    def pieces(entry):
+        with open(entry.file, "rb") as fh:
+            yield from read_tensor_chunks(fh, entry, tdtype)
+
     def fetch(name: str):
         if name.startswith("rope."):
             return getattr(rope, name.split(".", 1)[1]).to(torch.float32)
+        # In pieces: the largest tensor (150 MiB in the real model) is never held whole, so peak memory
+        # does not grow with the model's widths either.
         entry = ckpt.entries[name]
-        with open(entry.file, "rb") as fh:
-            return read_tensor(fh, entry, tdtype)
+        return streaming.TensorPieces(entry.shape, pieces(entry))
 
     streaming.stream_weights(data_path, slots, fetch, journal, start=start, quiet=quiet,
                              journal_base={"key": key, "graph_done": True})
