@@ -150,3 +150,23 @@ def test_progress_is_silent_off_a_terminal(tmp_path, capsys):
     streaming.stream_weights(tmp_path / "d", slots, lambda n: torch.zeros(4), tmp_path / "j", quiet=False)
     assert capsys.readouterr().err == ""
     assert sha256_file(tmp_path / "d")
+
+
+def test_a_block_axis_pinned_by_tracing_is_an_error():
+    """Block parts are traced with Dim.AUTO axes; if tracing pins one to the sample's size, the stitched
+    graph would silently run at that size only. The check must say which part, input and axis."""
+    from torch.export import Dim
+
+    from hidream_export.export.blockwise import _check_dynamic
+
+    class Pins(torch.nn.Module):
+        def forward(self, x, y):
+            return x.reshape(4, 3) * 2 + y.sum()  # forces x's first axis to be exactly 4
+
+    args = (torch.randn(4, 3), torch.randn(5, 3))
+    dims = ({0: Dim.AUTO}, {0: Dim.AUTO})
+    program = torch.onnx.export(torch.export.export(Pins(), args, dynamic_shapes=dims, strict=False), dynamo=True,
+                                input_names=["x", "y"])
+    with pytest.raises(ValueError, match=r"double part: input 'x' axis 0 was traced as fixed size 4"):
+        _check_dynamic("double", program, args, dims)
+    _check_dynamic("double", program, args, ({}, dims[1]))  # y stayed symbolic: no complaint about it

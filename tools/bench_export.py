@@ -58,6 +58,7 @@ def scaling(work: Path, presets: list[str], paths: list[str], lowering: str = "d
     print(f"## export scaling ({lowering} lowering, bf16 checkpoints and exports)\n")
     print("| preset | parameters | checkpoint | largest tensor | path | peak RSS | peak RSS / checkpoint | wall time (s) |")
     print("|---|---|---|---|---|---|---|---|")
+    peaks: dict[str, dict[str, tuple[int, int]]] = {}  # path -> preset -> (peak RSS, largest tensor)
     for preset in presets:
         cfg = PRESETS[preset]
         ckpt = work / f"{preset}_bf16"
@@ -72,11 +73,21 @@ def scaling(work: Path, presets: list[str], paths: list[str], lowering: str = "d
                 print(f"| {preset} | | | | {path} | failed: {r['error'][:80]} | | |")
                 continue
             print(f"| {preset} | {cfg.parameter_counts()['total'] / 1e9:.2f} B | {size / 2**30:.2f} GiB | "
-                  f"{largest / 2**20:.0f} MiB | {path} | {r['peak_rss'] / 2**30:.2f} GiB | "
+                  f"{largest / 2**20:.0f} MiB | {path} | {r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / 2**20:.0f} MiB) | "
                   f"{r['peak_rss'] / size:.2f} | {r['seconds']:.0f} |", flush=True)
+            peaks.setdefault(path, {})[preset] = (r["peak_rss"], largest)
             import shutil
 
             shutil.rmtree(work / f"out_{preset}_{path}", ignore_errors=True)
+    print()
+    for path, by_preset in peaks.items():
+        if len(by_preset) < 2:
+            continue
+        (a, (peak_a, _)), (b, (peak_b, largest_b)) = list(by_preset.items())[:2]
+        grown = peak_b - peak_a
+        verdict = "under" if grown < largest_b else "NOT under"
+        print(f"{path}: peak RSS {a} -> {b} grew {grown / 2**20:+.0f} MiB, {verdict} the largest tensor "
+              f"({largest_b / 2**20:.0f} MiB)")
 
 
 def median_time(fn, repeats: int) -> float:

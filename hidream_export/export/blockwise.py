@@ -169,6 +169,7 @@ def _trace_part(name, module, args, dims, input_names, output_names, opset, tran
                                      output_names=output_names, opset_version=opset,
                                      custom_translation_table=translation)
     _name_axes(onnx_program, dims)
+    _check_dynamic(name, onnx_program, args, dims)
     model = onnx_program.model
     del program, onnx_program
     gc.collect()
@@ -189,6 +190,23 @@ def _trace_part(name, module, args, dims, input_names, output_names, opset, tran
         del node.metadata_props[:]
     del graph.value_info[:]
     return Part(name, graph, info, proto)
+
+
+def _check_dynamic(part: str, onnx_program, args, dims) -> None:
+    """A block traced with an axis left to Dim.AUTO must keep it symbolic: had torch.export pinned it to
+    the sample's size, the stitched graph would only run at that size (sizes 0 and 1 are pinned by design,
+    e.g. a fixed batch of one)."""
+    import onnx_ir as ir
+    from torch.export import Dim
+
+    for value, arg, axes in zip(onnx_program.model.graph.inputs, args, dims):
+        for axis, dim in (axes or {}).items():
+            traced = value.shape[axis]
+            # A pinned axis comes out as an int, or as a "symbol" that is just the number ('4').
+            symbolic = isinstance(traced, ir.SymbolicDim) and not str(traced.value).isdigit()
+            if dim is Dim.AUTO and int(arg.shape[axis]) > 1 and not symbolic:
+                raise ValueError(f"{part} part: input {value.name!r} axis {axis} was traced as fixed size "
+                                 f"{value.shape[axis]}; the exported graph would only run at that size")
 
 
 def _name_axes(onnx_program, dims) -> None:
