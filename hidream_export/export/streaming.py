@@ -17,7 +17,8 @@ graph is written block by block), so its graph memory does not grow with depth; 
 
 Initializers keep the checkpoint's key names (the exporter names parameters after their state-dict keys),
 so the name map the TensorRT refit needs is the identity for checkpoint weights; the few computed tensors
-(RoPE tables) are listed with their origin. Peak memory: the traced graph plus one tensor.
+(RoPE tables) are listed with their origin. Peak memory: the traced graph plus one tensor, or one 8 MiB
+piece of it where the caller passes TensorPieces (both exports do, for checkpoint weights).
 
 Resumable: the temporary folder carries a progress journal; a rerun with the same settings continues
 after the last tensor that was completely written. Nothing in it is ever mistaken for a finished export
