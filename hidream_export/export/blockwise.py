@@ -178,9 +178,8 @@ def _trace_part(name, module, args, dims, input_names, output_names, opset, tran
         from hidream_export.export import moe_plugin
 
         moe_plugin.attach_function(model, moe_plugin_opset)
-    streaming.layout(model, weights, "placeholder")  # external references so the proto serialises
-    info = {w: (model.graph.initializers[w].dtype, tuple(int(d) for d in model.graph.initializers[w].shape))
-            for w in weights}
+    # External references so the proto serialises; the real offsets are set per instance.
+    info = {s.name: (s.dtype, s.shape) for s in streaming.layout(model, weights, "placeholder")}
     proto = ir.serde.serialize_model(model)
     del model
     graph = onnx.GraphProto()
@@ -273,7 +272,7 @@ def plan_instances(cfg, parts: list[Part]) -> list:
 
 def weight_slots(seq: list) -> list[streaming.Slot]:
     """Every weight of the stitched graph, in graph order, with its aligned slot in the data file."""
-    slots, offset, seen = [], 0, set()
+    tensors, seen = [], set()
     for inst in seq:
         if not isinstance(inst, Instance):
             continue
@@ -282,18 +281,8 @@ def weight_slots(seq: list) -> list[streaming.Slot]:
             if name in seen:
                 raise ValueError(f"weight {name!r} would be written twice (instance {inst.prefix})")
             seen.add(name)
-            length = int(dtype.itemsize * _prod(shape))
-            offset = (offset + streaming.ALIGN - 1) // streaming.ALIGN * streaming.ALIGN
-            slots.append(streaming.Slot(name, offset, length, dtype, shape))
-            offset += length
-    return slots
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+            tensors.append((name, dtype, shape))
+    return streaming.assign_slots(tensors)
 
 
 def _instance_piece(inst: Instance, slot_of: dict, data_name: str) -> onnx.GraphProto:

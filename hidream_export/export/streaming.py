@@ -72,18 +72,25 @@ def weightless_optimize(model: ir.Model) -> list[str]:
     return [name for name, v in model.graph.initializers.items() if v.const_value is None]
 
 
+def assign_slots(tensors) -> list[Slot]:
+    """(name, dtype, shape) in file order -> each tensor's aligned slot in the data file."""
+    slots, offset = [], 0
+    for name, dtype, shape in tensors:
+        shape = tuple(int(d) for d in shape)
+        length = int(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)  # itemsize is a float (4-bit types)
+        offset = (offset + ALIGN - 1) // ALIGN * ALIGN
+        slots.append(Slot(name, offset, length, dtype, shape))
+        offset += length
+    return slots
+
+
 def layout(model: ir.Model, names: list[str], data_name: str) -> list[Slot]:
     """Assign each named initializer an aligned slot in `data_name` and point the graph at it."""
-    slots, offset = [], 0
-    for name in names:
-        value = model.graph.initializers[name]
-        shape = tuple(int(d) for d in value.shape)
-        length = int(int(np.prod(shape, dtype=np.int64)) * value.dtype.itemsize)
-        offset = (offset + ALIGN - 1) // ALIGN * ALIGN
-        slots.append(Slot(name, offset, length, value.dtype, shape))
-        value.const_value = ir.ExternalTensor(data_name, offset, length, value.dtype, shape=ir.Shape(shape),
-                                              name=name)
-        offset += length
+    values = [model.graph.initializers[name] for name in names]
+    slots = assign_slots((v.name, v.dtype, v.shape) for v in values)
+    for value, slot in zip(values, slots):
+        value.const_value = ir.ExternalTensor(data_name, slot.offset, slot.length, slot.dtype,
+                                              shape=ir.Shape(slot.shape), name=slot.name)
     return slots
 
 
