@@ -1,11 +1,39 @@
-"""`hidream-export` command line: thin wrappers over the Python API, one subcommand per stage."""
+"""`hidream-export`: the command line. All argument parsing lives here; each subcommand turns its flags
+into the Python API's typed options and prints the result.
+
+Expected failures (`HiDreamExportError`: a bad flag, file, key, shape or request, a missing library or
+extra) print one line and exit 2; Ctrl-C exits 130 with one line; anything else is a bug and keeps its
+traceback. Library warnings and INFO logs are shown only with --verbose.
+
+Imports are lazy per subcommand, so `generate` and `doctor` work on a runtime-only install (no torch).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
+import warnings
+from pathlib import Path
 
+from hidream_export.errors import HiDreamExportError, MissingDependency, one_line
+from hidream_export.model.lowerings import EXPORT_LOWERINGS, describe_export_lowerings
+from hidream_export.signature import EXPORT_DTYPES
+from hidream_export.variants import VARIANTS, get_variant
+
+# Which extra brings a module a command needs (for the one-line message on a runtime-only install).
+_EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "onnx_ir": "export", "transformers": "export",
+           "diffusers": "export", "safetensors": "export", "polygraphy": "export", "onnx_graphsurgeon": "export",
+           "sentencepiece": "export", "triton": "kernels", "tensorrt": "gpu"}
+
+
+QUIET_LOGGERS = ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
+                 "torch.export", "onnxscript", "onnx_ir", "transformers", "diffusers", "polygraphy")
+
+
+# ---- subcommands -----------------------------------------------------------------------------------------
 
 def _cmd_info(args) -> int:
     from hidream_export.info import checkpoint_info, format_info
@@ -18,22 +46,21 @@ def _cmd_info(args) -> int:
 def _cmd_export(args) -> int:
     from hidream_export.export.transformer import export_transformer
 
-    entry = export_transformer(
+    result = export_transformer(
         args.checkpoint, args.variant, args.out, moe=args.moe, dtype=args.dtype, opset=args.opset,
         min_size=args.min_size, max_size=args.max_size, opt_size=args.opt_size, config=args.config,
         force=args.force, streaming=not args.no_streaming, dry_run=args.dry_run, quiet=args.quiet)
-    if args.dry_run:
-        print(entry["text"])
+    if result.plan is not None:
+        print(result.plan.format())
         return 0
-    out = args.out or f"engines/{args.variant}"
-    if entry.get("reused"):
-        print(f"{out}/{entry['path']} is up to date (same checkpoint and settings): reused")
+    c = result.component
+    if result.reused:
+        print(f"{result.out_dir / c.path} is up to date (same checkpoint and settings): reused")
         return 0
-    r = entry["size_range"]
-    print(f"wrote {out}/{entry['path']} (+ external data), {entry['initializers']} initializers, "
-          f"moe={entry['moe_lowering']}, dtype={entry['dtype']}, opset={entry['opset']}, "
-          f"sizes {r['min'][0]}x{r['min'][1]}..{r['max'][0]}x{r['max'][1]}, batch {entry['axes']['batch'][0]}.."
-          f"{entry['axes']['batch'][1]}, {entry['export_seconds']} s")
+    r = c.size_range
+    print(f"wrote {result.out_dir / c.path} (+ external data), {c.initializers} initializers, moe={c.moe_lowering}, "
+          f"dtype={c.dtype}, opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
+          f"{c.batch_range[0]}..{c.batch_range[1]}, {c.extra.get('export_seconds')} s")
     return 0
 
 
@@ -47,98 +74,191 @@ def _cmd_compare(args) -> int:
     return 0 if report.passed else 1
 
 
+def _trt_options(args):
+    from hidream_export.build.plan import TrtBuildOptions
+
+    refit = {"true": True, "false": False, "identical": "identical"}[args.refit]
+    return TrtBuildOptions(
+        trt_version=args.trt_version, compute_capability=args.compute_capability, static_sizes=args.static_sizes,
+        refit=refit, weight_stripped=bool(refit) and not args.no_weight_stripped, opt_level=args.opt_level,
+        workspace_gib=args.workspace_gib,
+        timing_cache=None if str(args.timing_cache).lower() == "none" else args.timing_cache,
+        plugin_impl=args.plugin_impl, components=tuple(args.engines) if args.engines else None,
+        force=args.force_engines)
+
+
 def _cmd_build(args) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from hidream_export.build import trt as trt_build
-
-    trt_options = trt_build.options_from_args(args)
+    out = Path(args.out) if args.out else get_variant(args.variant).default_out_dir
     if args.dry_run:
+        from hidream_export.build.trt import build_engines
+
         if not args.trt:
-            raise ValueError("--dry-run goes with --trt (it prints the TensorRT engine build plan); "
-                             "for the ONNX export plan use `hidream-export export --dry-run`")
-        result = trt_build.build_engines(args.out or f"engines/{args.variant}", dry_run=True, **trt_options)
+            raise HiDreamExportError("--dry-run goes with --trt (it prints the TensorRT engine build plan); for the "
+                                     "ONNX export plan use `hidream-export export --dry-run`")
+        result = build_engines(out, options=_trt_options(args), dry_run=True)
         print(json.dumps(result.plan.to_dict(), indent=2) if args.json else result.plan.format())
         return 0
     from hidream_export.build.pipeline import build_pipeline
 
     manifest = build_pipeline(
-        args.checkpoint, args.variant, args.out, llama=args.llama, moe=args.moe, dtype=args.dtype,
+        args.checkpoint, args.variant, out, llama=args.llama, moe=args.moe, dtype=args.dtype,
         encoder_dtype=args.encoder_dtype, force=args.force, trt=args.trt, opset=args.opset, link=args.link,
-        trt_options=trt_options)
-    out = args.out or f"engines/{args.variant}"
-    print(f"built {out}: " + ", ".join(sorted(manifest["components"])))
+        trt_options=_trt_options(args) if args.trt else None, quiet=args.quiet)
+    print(f"built {out}: " + ", ".join(sorted(manifest.components)))
     return 0
 
 
-def _cmd_generate(args) -> int:
-    from hidream_export.runtime import generate
+def _generate_options(args):
+    from hidream_export.runtime.generate import GenerateOptions
 
-    return generate.run(args)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    return GenerateOptions(
+        folder=Path(args.dir), prompt=args.prompt, output=Path(args.output), negative_prompt=args.negative_prompt,
+        seed=args.seed, steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height,
+        any_size=args.any_size, scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=providers,
+        threads=args.threads, verify=not args.no_verify, progress=False if args.quiet else None,
+        report_json=Path(args.json) if args.json else None)
+
+
+def _print_generated(done, quiet: bool) -> None:
+    result = done.result
+    if quiet:
+        print(f"seed {result.seed}")
+        return
+    cfg = f", guidance {result.guidance_scale:g}" if result.info.get("cfg") else ""
+    print(f"wrote {done.output}: {result.width}x{result.height}, {result.steps} steps{cfg}, seed {result.seed}, "
+          f"{result.timings.total('total'):.2f} s ({result.info['backend']})")
+    print(result.timings.table())
+
+
+def _cmd_generate(args) -> int:
+    from hidream_export.runtime.generate import generate_to_file
+
+    _print_generated(generate_to_file(_generate_options(args)), args.quiet)
+    return 0
 
 
 def _cmd_demo(args) -> int:
     """The README's main job: tiny random checkpoint -> engine folder -> image, all local."""
-    from pathlib import Path
-
     from hidream_export.build.pipeline import build_pipeline
-    from hidream_export.tiny_pipeline import write_model_folder
+    from hidream_export.runtime.generate import GenerateOptions, generate_to_file
+    from hidream_export.testing.model_folder import write_model_folder
 
-    ckpt = Path(args.checkpoints) / f"tiny-{args.variant}"
+    variant = get_variant(args.variant)
+    ckpt = Path(args.checkpoints) / f"tiny-{variant.name}"
     if not (ckpt / "model_index.json").exists():
-        write_model_folder(ckpt, args.variant, "tiny", seed=0, overwrite=True)
+        write_model_folder(ckpt, variant.name, "tiny", seed=0)
         print(f"wrote the tiny random-weight checkpoint {ckpt}")
-    out = Path(args.out or f"engines/{args.variant}")
-    build_pipeline(ckpt, args.variant, out)
+    out = Path(args.out) if args.out else variant.default_out_dir
+    build_pipeline(ckpt, variant, out)
     print(f"built {out}")
-    from hidream_export.runtime import generate
+    done = generate_to_file(GenerateOptions(out, args.prompt, Path(args.output), seed=args.seed, width=256,
+                                            height=256, any_size=True))
+    _print_generated(done, quiet=False)
+    return 0
 
-    parser = generate.add_arguments(argparse.ArgumentParser(prog="hidream-export generate"))
-    gen_args = parser.parse_args([str(out), "--prompt", args.prompt, "--seed", str(args.seed), "-o", args.output,
-                                  "--width", "256", "--height", "256", "--any-size"])
-    return generate.run(gen_args)
+
+def _cmd_doctor(args) -> int:
+    from hidream_export.doctor import doctor, format_doctor
+
+    report = doctor()
+    print(json.dumps(report, indent=2) if args.json else format_doctor(report))
+    return 0  # a missing library is information, not an error
 
 
 def _cmd_lint(args) -> int:
-    from hidream_export.export import lint
+    from hidream_export.lint import DEFAULT_PLUGINS, PluginSpec, lint_onnx
 
-    return lint.main(args.argv)
+    plugins = [] if args.no_plugins else list(DEFAULT_PLUGINS)
+    plugins += [PluginSpec.parse(p) for p in args.plugin]
+    report = lint_onnx(args.model, plugins=plugins)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(show_info=not args.no_info))
+    return 0 if report.ok else 1
+
+
+# ---- the parser ----------------------------------------------------------------------------------------------
+
+def _add_trt_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TensorRT engines (--trt)")
+    g.add_argument("--trt-version", help="plan for this TensorRT version (default: the installed one; dry runs)")
+    g.add_argument("--compute-capability", help="plan for this GPU, e.g. 9.0 or sm90 (default: this machine's)")
+    g.add_argument("--static-sizes", action="store_true",
+                   help="add static optimization profiles at the recommended sizes (CUDA graphs at runtime)")
+    g.add_argument("--refit", default="true", choices=["true", "false", "identical"],
+                   help="transformer refit mode: true (refit per variant), identical (REFIT_IDENTICAL), false")
+    g.add_argument("--no-weight-stripped", action="store_true",
+                   help="build full transformer engines per variant instead of one weight-stripped engine + refit")
+    g.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
+    g.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (default: unlimited)")
+    g.add_argument("--timing-cache", default="auto", help="timing cache path, 'auto' (shared store) or 'none'")
+    g.add_argument("--plugin-impl", default="jit", choices=["jit", "aot"],
+                   help="HiDreamMoE plugin implementation: jit (Triton via Python, fast) or aot (PTX in the engine)")
+    g.add_argument("--engines", nargs="+", default=None, metavar="COMPONENT", help="only these components")
+    g.add_argument("--force-engines", action="store_true", help="rebuild every engine whatever the plan says")
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="engine folder written by `hidream-export build`")
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from (CFG only, i.e. guidance > 1; default \"\")")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's recipe)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale; CFG runs when > 1 (default: the variant's recipe)")
+    p.add_argument("--width", type=int, default=None, help="image width in px (multiple of 16)")
+    p.add_argument("--height", type=int, default=None, help="image height in px (multiple of 16)")
+    p.add_argument("--any-size", action="store_true",
+                   help="use --width/--height as given instead of HiDream's rescaling to the model's area")
+    p.add_argument("--scheduler-flavour", choices=("diffusers", "official"), default="diffusers",
+                   help="scheduler as the diffusers model folders configure it (default) or as the official "
+                        "HiDream-I1 repository implements it")
+    p.add_argument("--backend", default="ort", help="ort (onnxruntime, default) or trt (TensorRT engines)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated onnxruntime execution providers (default: CUDA if present, else CPU)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of the folder's files (sizes are still checked)")
+    p.add_argument("--json", metavar="REPORT.json", default=None, help="write settings and timings as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or timing table; only the seed line")
+    p.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg, .webp, ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hidream-export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hidream-export", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show library warnings and INFO logs")
     sub = parser.add_subparsers(dest="command", required=True)
+    variants = sorted(VARIANTS)
 
-    p = sub.add_parser("info", help="config, parameter counts and dtypes of a transformer checkpoint")
+    p = sub.add_parser("info", parents=[common], help="config, parameter counts and dtypes of a transformer checkpoint")
     p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file")
     p.add_argument("--config", help="preset name or config.json (needed for single-file checkpoints)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)
 
-    from hidream_export.variants import VARIANTS
-
-    p = sub.add_parser("export", help="export the transformer to ONNX (weights as external data)")
+    p = sub.add_parser("export", parents=[common], help="export the transformer to ONNX (weights as external data)")
     p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file")
-    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--variant", required=True, choices=variants)
     p.add_argument("--out", help="output folder (default engines/VARIANT)")
-    p.add_argument("--moe", default="gather", choices=["dense", "gather", "plugin"],
-                   help="MoE lowering: gather (exact FLOPs, ONNX Runtime default), dense (static, ~1.8x routed "
-                        "FLOPs), plugin (one HiDreamMoE node per layer for TensorRT)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--moe", default="gather", choices=EXPORT_LOWERINGS,
+                   help="MoE lowering (default gather). " + describe_export_lowerings())
+    p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
     p.add_argument("--min-size", help="smallest WxH in pixels (default from the variant)")
     p.add_argument("--max-size", help="largest WxH in pixels")
     p.add_argument("--opt-size", help="WxH the TensorRT profile optimises for")
     p.add_argument("--config", help="preset or config.json (single-file checkpoints)")
-    p.add_argument("--force", action="store_true", help="replace an export of another checkpoint/variant in --out")
-    p.add_argument("--dry-run", action="store_true", help="print the files, sizes, dtype and initializer count; write nothing")
+    p.add_argument("--force", action="store_true",
+                   help="replace an export of another checkpoint, variant or settings in --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be written (files, sizes, dtype, initializers); write nothing")
     p.add_argument("--no-streaming", action="store_true",
                    help="export a loaded model (holds all weights in memory) instead of streaming them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("compare", help="PyTorch reference vs ONNX Runtime on the same random inputs")
+    p = sub.add_parser("compare", parents=[common], help="PyTorch reference vs ONNX Runtime on the same random inputs")
     p.add_argument("checkpoint")
     p.add_argument("model", help="the exported model.onnx (its folder's manifest.json is read)")
     p.add_argument("--sizes", nargs="+", help="WxH sizes (default: opt, min, max and a non-square size)")
@@ -147,44 +267,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None)
     p.add_argument("--rtol", type=float, default=None, help="relative to max|reference| (default by dtype)")
     p.add_argument("--min-cosine", type=float, default=None)
-    p.add_argument("--save-dir", default=".", help="where inputs.json and reference_outputs.json go (default .)")
+    p.add_argument("--save-dir", default=None,
+                   help="write inputs.json and reference_outputs.json (Polygraphy formats) into this folder")
     p.add_argument("--config", help="preset or config.json (single-file checkpoints)")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("build", help="export every component of a variant into one engine folder")
+    p = sub.add_parser("build", parents=[common], help="export every component of a variant into one engine folder")
     p.add_argument("checkpoint", help="a HiDream-I1 model folder (diffusers layout)")
-    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--variant", required=True, choices=variants)
     p.add_argument("--out", help="engine folder (default engines/VARIANT)")
     p.add_argument("--llama", help="Llama-3.1-8B-Instruct folder (default CHECKPOINT/llama)")
-    p.add_argument("--moe", default="gather", choices=["dense", "gather", "plugin"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="transformer dtype")
-    p.add_argument("--encoder-dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--moe", default="gather", choices=EXPORT_LOWERINGS, help="MoE lowering of the transformer")
+    p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES, help="transformer dtype")
+    p.add_argument("--encoder-dtype", default="fp32", choices=EXPORT_DTYPES)
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset of every graph (default 20)")
     p.add_argument("--link", default="auto", choices=["auto", "reflink", "hardlink", "copy"],
                    help="how variant folders get shared encoder/VAE files (auto: reflink, else copy)")
     p.add_argument("--trt", action="store_true", help="also build TensorRT engines (needs TensorRT)")
     p.add_argument("--dry-run", action="store_true", help="with --trt: print the engine build plan only")
     p.add_argument("--force", action="store_true", help="re-export everything")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
-    from hidream_export.build import trt as trt_build
-
-    trt_build.add_arguments(p)
+    _add_trt_arguments(p)
     p.set_defaults(func=_cmd_build)
 
-    from hidream_export import doctor
+    p = sub.add_parser("doctor", parents=[common], help="what this machine can run and build (TensorRT, CUDA, GPU, ORT, Triton)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_doctor)
 
-    p = sub.add_parser("doctor", help="what this machine can run and build (TensorRT, CUDA, GPU, ORT, Triton)")
-    doctor.add_arguments(p)
-    p.set_defaults(func=doctor.run)
-
-    from hidream_export.runtime import generate
-
-    p = generate.add_arguments(sub.add_parser("generate", help="prompt -> image with the torch-free runtime"))
+    p = sub.add_parser("generate", parents=[common], help="prompt -> image with the torch-free runtime")
+    _add_generate_arguments(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("demo", help="tiny random checkpoint -> engine folder -> image (no download)")
-    p.add_argument("--variant", default="fast", choices=sorted(VARIANTS))
+    p = sub.add_parser("demo", parents=[common], help="tiny random checkpoint -> engine folder -> image (no download)")
+    p.add_argument("--variant", default="fast", choices=variants)
     p.add_argument("--checkpoints", default="checkpoints", help="where the tiny checkpoint is written")
     p.add_argument("--out", help="engine folder (default engines/VARIANT)")
     p.add_argument("--prompt", default="a painting of a squirrel eating a burger")
@@ -192,25 +308,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="demo.png")
     p.set_defaults(func=_cmd_demo)
 
-    # The lint owns its arguments (and imports onnx, which the runtime-only install lacks): forward them.
-    p = sub.add_parser("lint", add_help=False,
-                       help="check an ONNX model against TensorRT's published ONNX operator support")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p = sub.add_parser("lint", parents=[common], help="check an ONNX model against TensorRT's published ONNX operator support")
+    p.add_argument("model", help="ONNX file to check (external weight files are not read)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    p.add_argument("--no-info", action="store_true", help="hide info lines in the text report")
+    p.add_argument("--no-plugins", action="store_true",
+                   help="assume no plugin is registered (HiDreamMoE nodes then need their local function)")
+    p.add_argument("--plugin", action="append", default=[], metavar="NS::OP[:VERSION]",
+                   help="an additional plugin the build registers (repeatable)")
     p.set_defaults(func=_cmd_lint)
     return parser
 
 
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool):
+    """Only the tool's own output unless --verbose: library warnings (torchvision, LeafSpec, accelerate
+    notices ...) and their INFO logs are dropped; hidream_export's own INFO lines stay."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        yield
+        return
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    # Libraries that log warnings through their own handlers (torch.onnx's "torchvision is not installed"
+    # per traced graph, onnxscript's constant-folding notes): raise their thresholds, without importing them.
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    own = logging.getLogger("hidream_export")
+    own.setLevel(logging.INFO)
+    own.propagate = False
+    if not own.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        own.addHandler(handler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from hidream_export.runtime.text import PromptTruncatedWarning
+
+        warnings.simplefilter("always", PromptTruncatedWarning)  # the user's prompt was cut: always say so
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prog = f"hidream-export {args.command}"
     try:
-        return args.func(args)
-    except SystemExit as exc:  # argparse inside a forwarded subcommand
-        return int(exc.code or 0)
-    except (ValueError, FileNotFoundError, PermissionError, ImportError, RuntimeError) as exc:
-        # Expected failures (bad input, bad checkpoint, missing TensorRT or plugin, failed engine build):
-        # one clear line, no traceback. ImportError/RuntimeError cover TensorRTUnavailable,
-        # MissingPluginError and BuildError, whose messages say what is missing and how to get it.
-        print(f"hidream-export {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        with _quiet_libraries(args.verbose):
+            return args.func(args)
+    except HiDreamExportError as exc:
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in _EXTRAS:
+            raise
+        error = MissingDependency(f"{top} is not installed; `{args.command}` needs the {_EXTRAS[top]} extra: "
+                                  f"pip install \"hidream-export[{_EXTRAS[top]}]\"")
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `... | head`: the reader left; nothing more to say
+        with contextlib.suppress(OSError):
+            sys.stdout = open("/dev/null", "w")  # noqa: SIM115 - silence the interpreter's flush at exit
+        return 0
+    except OSError as exc:
+        # Disk full, permissions, a folder where a file belongs ...: the environment, not a bug.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{prog}: error: {where}{exc.strerror or one_line(exc)}", file=sys.stderr)
         return 2
 
 

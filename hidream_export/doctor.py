@@ -4,8 +4,8 @@ TensorRT cannot be installed on the development and CI machines, and a GPU is on
 TensorRT-dependent feature must say clearly what is missing. `doctor()` collects the facts once
 (libraries, versions, GPU, CUDA) and derives from them which runtime backends (ort, trt) and build targets
 (onnx export, TensorRT engines, the Triton MoE lowering) are available, each with the reason when not.
-The same facts give the test suite its skip reasons (`requires_tensorrt()`), so a skipped test says
-exactly what doctor says.
+The same facts give the test suite its skip reasons (hidream_export.testing.marks), so a skipped test
+says exactly what doctor says.
 
 Cheap and side-effect free: versions come from package metadata where possible; torch is not imported
 (its version string says whether it is a CUDA build); the GPU is found through cuda-python or nvidia-smi.
@@ -13,20 +13,17 @@ Cheap and side-effect free: versions come from package metadata where possible; 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
 import importlib.util
 import importlib.metadata as metadata
-import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
 
-__all__ = ["doctor", "format_doctor", "add_arguments", "run", "main", "tensorrt_skip_reason", "gpu_skip_reason",
-           "requires_tensorrt", "requires_gpu"]
+__all__ = ["doctor", "cached", "format_doctor"]
 
 _GPU_EXTRA = "pip install 'hidream-export[gpu]'"
 
@@ -48,7 +45,7 @@ def _item(available: bool, version: str | None = None, reason: str | None = None
 # Individual checks
 # ------------------------------------------------------------------------------------------------
 def _check_tensorrt() -> dict:
-    from hidream_export.plugins.loader import tensorrt_unavailable_reason
+    from hidream_export.moe.loader import tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason()
     if reason is not None:
@@ -218,7 +215,7 @@ def doctor() -> dict:
                                  "; ".join(r for r in (need("torch", "triton"),
                                                        gpu_reason and f"{gpu_reason} (the interpreter runs the "
                                                        "kernels on the CPU for tests only)") if r),
-                                 detail="the `triton` MoE lowering / hidream::moe_experts on CUDA"),
+                                 detail="the `plugin` MoE lowering (torch.ops.hidream.HiDreamMoE) on CUDA"),
     }
     return {"python": sys.version.split()[0], "platform": platform.platform(), "libraries": libs, "gpu": gpu,
             "backends": backends, "build_targets": build_targets}
@@ -270,61 +267,7 @@ def format_doctor(report: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `hidream-export doctor`."""
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the report; always exit 0 (a missing library is information, not an error)."""
-    report = doctor()
-    print(json.dumps(report, indent=2) if args.json else format_doctor(report))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hidream-export doctor", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-# ------------------------------------------------------------------------------------------------
-# Test helpers: skip reasons from the same facts
-# ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _cached() -> dict:
+def cached() -> dict:
+    """doctor(), once per process (the facts do not change while it runs)."""
     return doctor()
-
-
-def tensorrt_skip_reason() -> str | None:
-    """None when TensorRT engines can be built and run here, else doctor's reason."""
-    target = _cached()["build_targets"]["trt_engines"]
-    return None if target["available"] else f"TensorRT engines unavailable here: {target['reason']}"
-
-
-def gpu_skip_reason() -> str | None:
-    gpu = _cached()["gpu"]
-    return None if gpu["available"] else f"no GPU: {gpu['reason']}"
-
-
-def requires_tensorrt():
-    """A pytest mark skipping a test, with doctor's reason, where TensorRT cannot build/run engines."""
-    import pytest
-
-    reason = tensorrt_skip_reason()
-    return pytest.mark.skipif(reason is not None, reason=reason or "")
-
-
-def requires_gpu():
-    """A pytest mark skipping a test, with doctor's reason, where there is no CUDA GPU."""
-    import pytest
-
-    reason = gpu_skip_reason()
-    return pytest.mark.skipif(reason is not None, reason=reason or "")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from hidream_export.export.common import model_errors
 from hidream_export.model.checkpoint import locate_checkpoint
 
 GROUPS = ("t_embedder", "p_embedder", "x_embedder", "caption_projection", "double_stream_blocks",
@@ -12,7 +13,8 @@ GROUPS = ("t_embedder", "p_embedder", "x_embedder", "caption_projection", "doubl
 
 
 def checkpoint_info(path: str | Path, config=None) -> dict:
-    ckpt = locate_checkpoint(path, config)
+    with model_errors():
+        ckpt = locate_checkpoint(path, config)
     groups: dict[str, dict] = {}
     total = 0
     for name, entry in ckpt.entries.items():

@@ -1,13 +1,16 @@
 """The three HiDream-I1 variants: the one place their sampling recipes and export ranges live.
 
 Every command (export, build, generate) and the runtime read these; nothing else hard-codes steps,
-guidance, shifts or batch factors. Values from the spec, section 7 (official inference.py and the
-scheduler configs shipped in the HiDream-I1 model folders).
+guidance, shifts, batch factors or the default output folder. The values are those of the official
+HiDream-I1 inference.py and of the scheduler configs shipped in the HiDream-I1 model folders. Torch-free.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from hidream_export.errors import ExportError, RequestError
 
 # HiDream pipelines rescale every request to about one megapixel (1024^2), in multiples of 16 px.
 TARGET_AREA = 1024 * 1024
@@ -24,7 +27,7 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in str(text).lower().split("x"))
     except ValueError:
-        raise ValueError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 1024x1024") from None
+        raise RequestError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 1024x1024") from None
     return w, h
 
 
@@ -39,26 +42,29 @@ class SizeRange:
 
     def __post_init__(self) -> None:
         for name in ("min", "max", "opt"):
-            w, h = getattr(self, name)
+            value = getattr(self, name)
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ExportError(f"--{name}-size must be two integers WIDTHxHEIGHT, got {value!r}")
+            w, h = value
             if w % SIZE_MULTIPLE or h % SIZE_MULTIPLE or w <= 0 or h <= 0:
-                raise ValueError(f"size range {name}={w}x{h} must be positive multiples of {SIZE_MULTIPLE}")
+                raise ExportError(f"--{name}-size {w}x{h} must be positive multiples of {SIZE_MULTIPLE}")
         if not (self.min[0] <= self.opt[0] <= self.max[0] and self.min[1] <= self.opt[1] <= self.max[1]):
-            raise ValueError(
-                f"size range must satisfy min <= opt <= max per axis, got min={self.min[0]}x{self.min[1]} "
-                f"opt={self.opt[0]}x{self.opt[1]} max={self.max[0]}x{self.max[1]}")
+            raise ExportError(
+                f"sizes must satisfy min <= opt <= max per axis, got --min-size {self.min[0]}x{self.min[1]} "
+                f"--opt-size {self.opt[0]}x{self.opt[1]} --max-size {self.max[0]}x{self.max[1]}")
 
     def check(self, width: int, height: int, max_seq: int | None = None, patch_px: int = SIZE_MULTIPLE) -> None:
-        """Raise ValueError unless (width, height) is in range; with `max_seq`, also unless the transformer
+        """Raise RequestError unless (width, height) is in range; with `max_seq`, also unless the transformer
         can run it (non-square inputs are padded to max_seq image tokens of patch_px x patch_px pixels)."""
         for name, v, lo, hi in (("width", width, self.min[0], self.max[0]), ("height", height, self.min[1], self.max[1])):
-            if not isinstance(v, int) or v % SIZE_MULTIPLE:
-                raise ValueError(f"{name}={v!r} must be an integer multiple of {SIZE_MULTIPLE}")
+            if not isinstance(v, int) or isinstance(v, bool) or v % SIZE_MULTIPLE:
+                raise RequestError(f"{name}={v!r} must be an integer multiple of {SIZE_MULTIPLE}")
             if not lo <= v <= hi:
-                raise ValueError(
+                raise RequestError(
                     f"{name}={v} is outside the exported range {self.describe()}")
         tokens = (width // patch_px) * (height // patch_px)
         if max_seq is not None and width != height and tokens > max_seq:
-            raise ValueError(
+            raise RequestError(
                 f"{width}x{height} is not square and needs {tokens} image tokens, but the transformer pads "
                 f"non-square inputs to max_seq={max_seq} tokens (a {patch_px}-px patch each), so it "
                 f"cannot run; use a square size or one with (width/{patch_px})*(height/{patch_px}) <= "
@@ -75,6 +81,9 @@ class SizeRange:
     def from_dict(cls, d: dict) -> "SizeRange":
         return cls(tuple(d["min"]), tuple(d["max"]), tuple(d["opt"]))
 
+    def contains(self, width: int, height: int) -> bool:
+        return self.min[0] <= width <= self.max[0] and self.min[1] <= height <= self.max[1]
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -85,7 +94,8 @@ class Variant:
     scheduler: str  # "flow_unipc" (Full) or "flash_flow_euler" (Dev, Fast)
     diffusers_scheduler: str  # class named in the HF model folder's scheduler_config.json
     timestep_dtype: str  # what the transformer is fed: int64 (UniPC truncates) or float32
-    # Real-model pixel range; scaled for smaller configs by size_range_for().
+    # The real model's default export range; size_range_for() scales it for smaller configs. What an
+    # export serves is the range its manifest's transformer entry records, not this.
     size_range: SizeRange = SizeRange((512, 512), (1360, 1360), (1024, 1024))
 
     @property
@@ -97,13 +107,10 @@ class Variant:
         """Transformer batch per image: CFG feeds [negative, positive]."""
         return 2 if self.uses_cfg else 1
 
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name, "steps": self.steps, "guidance_scale": self.guidance_scale, "shift": self.shift,
-            "scheduler": self.scheduler, "diffusers_scheduler": self.diffusers_scheduler,
-            "timestep_dtype": self.timestep_dtype, "cfg_batch_factor": self.cfg_batch_factor,
-            "size_range": self.size_range.to_dict(),
-        }
+    @property
+    def default_out_dir(self) -> Path:
+        """Where export and build write this variant unless told (`--out`)."""
+        return Path("engines") / self.name
 
 
 VARIANTS: dict[str, Variant] = {
@@ -113,11 +120,14 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def get_variant(name: str) -> Variant:
+def get_variant(variant: "str | Variant") -> Variant:
+    """A Variant from its name (a Variant is returned as it is)."""
+    if isinstance(variant, Variant):
+        return variant
     try:
-        return VARIANTS[name]
-    except KeyError:
-        raise ValueError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}") from None
+        return VARIANTS[variant]
+    except (KeyError, TypeError):
+        raise ExportError(f"--variant {variant!r} is not one of {sorted(VARIANTS)}") from None
 
 
 def size_range_for(variant: Variant, max_resolution: tuple[int, int]) -> SizeRange:

@@ -6,8 +6,8 @@ calls them) and its VAE decode + post-processing. The engine side uses only what
 has: tokenizer.json through `tokenizers`, and the ONNX files through onnxruntime.
 
 Tolerance for fp32 outputs: max |onnx - reference| <= 1e-4 * max |reference| (RTOL below), per tensor.
-Each variant is built once per module (module-scoped fixtures): Full first, then Dev, which must reuse
-every shared component.
+Each variant is built once per test session (tests/conftest.py: `built`): Full first, then Dev, which must
+reuse every shared component.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -26,13 +25,13 @@ import pytest
 import tokenizers
 import torch
 
-from hidream_export.build.pipeline import SHARED_DIR_NAME, STORE_META, build_pipeline
+from conftest import _counting
+from hidream_export.build.pipeline import STORE_META, build_pipeline
+from hidream_export.errors import ExportError
 from hidream_export.export import encoders as encoders_mod
-from hidream_export.export import tokenizers as tokenizers_mod
-from hidream_export.export import vae as vae_mod
-from hidream_export.export.transformer import ExportError
-from hidream_export.manifest import FORMAT_VERSION, read_manifest, sha256_file, verify_component
-from hidream_export.tiny_pipeline import LLAMA_SUBDIR, write_model_folder
+from hidream_export.files import LOCK_NAME, sha256_file
+from hidream_export.manifest import FORMAT_VERSION, SHARED_DIR, Manifest, variant_record
+from hidream_export.testing.model_folder import LLAMA_SUBDIR
 from hidream_export.variants import TEXT_LENGTH, VARIANTS
 
 RTOL = 1e-4  # of the reference's max |value|
@@ -50,39 +49,20 @@ SHARED_COMPONENTS = (*ENCODER_COMPONENTS, "vae_decoder",
 ALL_COMPONENTS = {"transformer", "scheduler", *SHARED_COMPONENTS}
 
 
-# ---- fixtures: two model folders, two builds --------------------------------------------------------------
+# ---- fixtures: the session's model folders and builds (tests/conftest.py) ----------------------------------
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build_models")
-    return {name: write_model_folder(root / name, name) for name in ("full", "dev")}
+def models(tiny_models):
+    return {name: tiny_models(name) for name in ("full", "dev")}
 
 
-def _counting(monkeypatch, calls: Counter):
-    """Wrap every shared-component exporter so the builds' calls can be counted."""
-    def wrap(module, attr, label):
-        original = getattr(module, attr)
-
-        def counted(name_or_folder, *args, **kwargs):
-            calls[label(name_or_folder)] += 1
-            return original(name_or_folder, *args, **kwargs)
-        monkeypatch.setattr(module, attr, counted)
-
-    wrap(encoders_mod, "export_encoder", lambda name: name)
-    wrap(vae_mod, "export_vae_decoder", lambda folder: "vae_decoder")
-    wrap(tokenizers_mod, "convert_tokenizer", lambda name: f"tokenizer_{name}")
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def built(models, tmp_path_factory):
-    engines = tmp_path_factory.mktemp("engines")
-    calls: Counter = Counter()
-    with pytest.MonkeyPatch.context() as mp:
-        _counting(mp, calls)
-        full = build_pipeline(models["full"], "full", engines / "full")
-        after_full = Counter(calls)
-        dev = build_pipeline(models["dev"], "dev", engines / "dev")
-    return SimpleNamespace(root=engines, full=full, dev=dev, calls_full=after_full, calls_dev=calls - after_full)
+def verify(folder: Path) -> None:
+    manifest = Manifest.read(folder)
+    manifest.verify(folder, list(manifest.components))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +103,7 @@ def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> float:
 @pytest.mark.parametrize("component", ENCODER_COMPONENTS)
 def test_encoder_matches_the_pipeline(built, pipe, component, batch):
     folder = built.root / "full"
-    entry = built.full["components"][component]
+    entry = built.full.to_dict()["components"][component]
     feed = _tokenize(folder, component, batch)
     names = [i["name"] for i in entry["inputs"]]
     got = _session(folder, component).run(None, {n: feed[n] for n in names})[0]
@@ -144,7 +124,7 @@ def test_encoder_matches_the_pipeline(built, pipe, component, batch):
 @pytest.mark.parametrize("shape", [(1, 16, 16, 16), (2, 16, 16, 24)], ids=["batch1_square", "batch2_wide"])
 def test_vae_decoder_matches_the_pipeline(built, pipe, shape):
     folder = built.root / "full"
-    entry = built.full["components"]["vae_decoder"]
+    entry = built.full.to_dict()["components"]["vae_decoder"]
     cfg = pipe.vae.config
     assert (entry["scaling_factor"], entry["shift_factor"]) == (cfg.scaling_factor, cfg.shift_factor)
     latent = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
@@ -166,7 +146,7 @@ def test_tokenizer_json_gives_the_pipeline_ids(built, pipe, name):
     assert got["input_ids"].tolist() == want["input_ids"]
     assert got["attention_mask"].tolist() == want["attention_mask"]
 
-    entry = built.full["components"][f"tokenizer_{name}"]
+    entry = built.full.to_dict()["components"][f"tokenizer_{name}"]
     assert entry["max_length"] == TEXT_LENGTH and entry["truncation"] is True
     assert entry["padding"]["pad_id"] == reference.pad_token_id and entry["padding"]["pad_token"] == reference.pad_token
     ids, mask = got["input_ids"], got["attention_mask"]
@@ -189,21 +169,21 @@ def test_tokenizer_json_gives_the_pipeline_ids(built, pipe, name):
 def test_manifest_follows_the_contract(built, variant, tmp_path):
     folder = built.root / variant
     manifest = read_manifest(folder)
-    assert manifest == getattr(built, variant)  # what build_pipeline returned is what it wrote
+    assert manifest == getattr(built, variant).to_dict()  # what build_pipeline returned is what it wrote
     assert manifest["format_version"] == FORMAT_VERSION
-    assert manifest["variant"] == VARIANTS[variant].to_dict()
+    assert manifest["variant"] == variant_record(VARIANTS[variant])
     comps = manifest["components"]
     assert set(comps) == ALL_COMPONENTS
 
+    verify(folder)  # every file exists and matches its sha256
     listed = set()
     for name, entry in comps.items():
-        verify_component(folder, manifest, name)  # every file exists and matches its sha256
         assert entry["path"] in entry["files"]
         listed.update(entry["files"])
         for rel, info in entry["files"].items():
             assert info == {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
     on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-    assert on_disk - {"manifest.json"} == listed  # nothing unlisted, nothing missing
+    assert on_disk - {"manifest.json", LOCK_NAME} == listed  # nothing unlisted, nothing missing
 
     expect_io = {
         "clip_l": (["input_ids"], ["text_embeds"]), "clip_g": (["input_ids"], ["text_embeds"]),
@@ -245,7 +225,7 @@ def test_second_variant_reuses_the_shared_components(built):
     # Full exported each shared component once; Dev exported none of them (only its own transformer).
     assert built.calls_full == Counter({name: 1 for name in SHARED_COMPONENTS})
     assert built.calls_dev == Counter()
-    full, dev = built.full["components"], built.dev["components"]
+    full, dev = built.full.to_dict()["components"], built.dev.to_dict()["components"]
     for name in SHARED_COMPONENTS:
         assert full[name]["shared"]["key"] == dev[name]["shared"]["key"]
         assert full[name]["files"] == dev[name]["files"]
@@ -254,15 +234,15 @@ def test_second_variant_reuses_the_shared_components(built):
             if full[name]["shared"]["link"] == "hardlink":  # one file on disk for both variants
                 assert os.path.samefile(built.root / "full" / rel, built.root / "dev" / rel)
     assert full["transformer"]["files"] != dev["transformer"]["files"]  # int64 vs float32 timesteps
-    store = built.root / SHARED_DIR_NAME
+    store = built.root / SHARED_DIR
     assert sorted(p.name for p in store.iterdir()) == sorted(full[n]["shared"]["key"] for n in SHARED_COMPONENTS)
     for entry in store.iterdir():
         assert (entry / STORE_META).is_file()
 
 
 def test_no_temporary_leftovers(built):
-    hidden = [p for p in built.root.rglob(".*")]
-    assert hidden == [built.root / SHARED_DIR_NAME], hidden
+    hidden = [p for p in built.root.rglob(".*") if p.name != LOCK_NAME]
+    assert hidden == [built.root / SHARED_DIR], hidden
 
 
 def test_rebuild_is_a_no_op_and_trt_without_tensorrt_is_one_notice(built, models, capsys):
@@ -281,10 +261,10 @@ def test_rebuild_is_a_no_op_and_trt_without_tensorrt_is_one_notice(built, models
         real_export = build_mod.export_transformer
 
         def must_reuse(*a, **k):
-            entry = real_export(*a, **k)
-            if not entry.get("reused"):
+            result = real_export(*a, **k)
+            if not result.reused:
                 pytest.fail("the up-to-date transformer was exported again")
-            return entry
+            return result
 
         mp.setattr(build_mod, "export_transformer", must_reuse)
         again = build_pipeline(models["full"], "full", folder, trt=True)
@@ -292,7 +272,7 @@ def test_rebuild_is_a_no_op_and_trt_without_tensorrt_is_one_notice(built, models
     err = capsys.readouterr().err
     notices = [line for line in err.splitlines() if "notice" in line.lower()]
     assert len(notices) == 1 and "TensorRT" in notices[0], err
-    assert again == built.full
+    assert again.to_dict() == built.full.to_dict()
     assert {str(p): p.stat().st_mtime_ns for p in folder.rglob("*.onnx*")} == before
 
 
@@ -358,11 +338,9 @@ def test_a_crash_leaves_nothing_that_looks_complete(built, models, tmp_path):
         with pytest.raises(RuntimeError, match="killed"):
             build_pipeline(models["full"], "full", folder, shared_root=store)
     assert list(store.iterdir()) == []
-    assert [p for p in folder.rglob(".*")] == []
+    assert [p for p in folder.rglob(".*") if p.name != LOCK_NAME] == []
     assert (folder / "manifest.json").read_bytes() == manifest_before
-    manifest = read_manifest(folder)
-    for name in manifest["components"]:
-        verify_component(folder, manifest, name)
+    verify(folder)
 
 
 def test_torchscript_exporter_gives_the_same_graph_outputs(built, models, tmp_path):
@@ -384,8 +362,8 @@ def test_link_copy_gives_folders_every_onnx_tool_opens(built, tmp_path):
     own inode, at the cost of disk."""
     from hidream_export.build.pipeline import _install, plan_shared_components
 
-    entry = built.full["components"]["clip_l"]
-    store = built.root / SHARED_DIR_NAME / entry["shared"]["key"]
+    entry = built.full.to_dict()["components"]["clip_l"]
+    store = built.root / SHARED_DIR / entry["shared"]["key"]
     meta = json.loads((store / STORE_META).read_text())
     comp = next(c for c in plan_shared_components(Path(entry["source"]["checkpoint"])) if c.name == "clip_l")
     assert _install(comp, store, meta, tmp_path, link="copy") == "copy"

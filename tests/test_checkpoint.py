@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hidream_export.model.checkpoint import CheckpointError, load_transformer
-from hidream_export.tiny import write_transformer
+from hidream_export.testing.checkpoints import write_transformer
 
 
 def _oracle_state(folder):

@@ -7,13 +7,14 @@ says "missing" is the one exercised.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 
 import pytest
 
 from hidream_export import doctor
+from hidream_export.cli import main as cli_main
+from hidream_export.testing import marks
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_tensorrt_missing_is_explained(report):
     assert "not installed" in trt["reason"] and "hidream-export[gpu]" in trt["reason"]
     assert not report["backends"]["trt"]["available"] and "tensorrt" in report["backends"]["trt"]["reason"]
     assert not report["build_targets"]["trt_engines"]["available"]
-    assert doctor.tensorrt_skip_reason().startswith("TensorRT engines unavailable here: ")
+    assert marks.tensorrt_skip_reason().startswith("TensorRT engines unavailable here: ")
 
 
 def test_onnxruntime_cpu_backend(report):
@@ -57,7 +58,7 @@ def test_no_gpu_is_explained(report):
     assert "no GPU" in report["backends"]["trt"]["reason"]
     lowering = report["build_targets"]["triton_lowering"]
     assert not lowering["available"] and "interpreter" in lowering["reason"]
-    assert doctor.gpu_skip_reason().startswith("no GPU")
+    assert marks.gpu_skip_reason().startswith("no GPU")
 
 
 def test_triton_modes(monkeypatch):
@@ -88,26 +89,24 @@ def test_text_report(report):
 
 
 def test_cli_entry_points(capsys):
-    parser = argparse.ArgumentParser()
-    doctor.add_arguments(parser)
-    assert doctor.run(parser.parse_args(["--json"])) == 0
+    assert cli_main(["doctor", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert "backends" in data
-    assert doctor.main([]) == 0
+    assert cli_main(["doctor"]) == 0
     assert "build targets:" in capsys.readouterr().out
 
 
 def test_skip_marks_carry_doctors_reason():
-    mark = doctor.requires_tensorrt()
-    reason = doctor.tensorrt_skip_reason()
+    mark = marks.requires_tensorrt()
+    reason = marks.tensorrt_skip_reason()
     assert mark.mark.name == "skipif"
     assert mark.mark.args[0] == (reason is not None)
     assert mark.mark.kwargs["reason"] == (reason or "")
-    gpu = doctor.requires_gpu()
-    assert gpu.mark.args[0] == (doctor.gpu_skip_reason() is not None)
+    gpu = marks.requires_gpu()
+    assert gpu.mark.args[0] == (marks.gpu_skip_reason() is not None)
 
 
-@doctor.requires_tensorrt()
+@marks.requires_tensorrt()
 def test_marked_tests_only_run_where_tensorrt_builds_engines():
     """Runs only where doctor says TensorRT engines can be built; elsewhere skipped with doctor's reason."""
     import tensorrt

@@ -14,14 +14,14 @@ import onnxruntime as ort
 import pytest
 
 from hidream_export.export import encoders as encoders_mod
-from hidream_export.tiny_pipeline import LLAMA_SUBDIR, write_model_folder
+from hidream_export.testing.model_folder import LLAMA_SUBDIR
 
 SUBFOLDER = {"t5": "text_encoder_3", "llama": LLAMA_SUBDIR}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return write_model_folder(tmp_path_factory.mktemp("enc_stream") / "full", "full", "tiny", 0)
+def model(tiny_models):
+    return tiny_models("full")
 
 
 def _feed(name: str, folder: Path) -> dict[str, np.ndarray]:

@@ -19,20 +19,20 @@ from safetensors.torch import load_file, save_file
 
 from hidream_export.cli import main as cli_main
 from hidream_export.compare.parity import compare_onnx, random_feed
-from hidream_export.export.lint import lint_onnx
+from hidream_export.lint import lint_onnx
 from hidream_export.export.transformer import export_transformer
-from hidream_export.manifest import sha256_file
+from hidream_export.files import LOCK_NAME, sha256_file
+from hidream_export.manifest import FORMAT_VERSION
 from hidream_export.model.checkpoint import load_transformer
-from hidream_export.tiny import write_transformer
+from hidream_export.testing.checkpoints import write_transformer
 
 INPUTS = ("hidden_states", "timesteps", "encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_embeds")
 
 
-@pytest.fixture(scope="module", params=["dense", "gather", "plugin"])
-def exported(request, tiny_transformer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"export_{request.param}")
-    entry = export_transformer(tiny_transformer_dir, "full", out, moe=request.param)
-    return request.param, out, entry
+@pytest.fixture(params=["dense", "gather", "plugin"])
+def exported(request, tiny_export):
+    out, result = tiny_export(request.param)
+    return request.param, out, result.component
 
 
 def test_one_file_serves_every_size_and_batch(exported, tiny_transformer_dir):
@@ -53,7 +53,7 @@ def test_graph_contract(exported):
     assert [i.name for i in proto.graph.input] == list(INPUTS)
     assert [o.name for o in proto.graph.output] == ["sample"]
     # Weights are always external; only small folded constants (shape tables) may stay inline.
-    weights = set(entry["initializer_map"])
+    weights = set(entry.initializer_map)
     assert weights and all(init.data_location == onnx.TensorProto.EXTERNAL
                            for init in proto.graph.initializer if init.name in weights)
     assert all(len(init.raw_data) < 64 * 1024 for init in proto.graph.initializer
@@ -76,6 +76,7 @@ def test_graph_contract(exported):
 def test_manifest_records_the_export(exported, tiny_transformer_dir):
     moe, out, entry = exported
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["variant"]["name"] == "full" and manifest["variant"]["cfg_batch_factor"] == 2
     t = manifest["components"]["transformer"]
     assert t["moe_lowering"] == moe and t["dtype"] == "fp32" and t["opset"] == 20
@@ -85,7 +86,8 @@ def test_manifest_records_the_export(exported, tiny_transformer_dir):
     assert len(t["source"]["checkpoint_sha256"]) == 64
     for rel, info in t["files"].items():
         assert sha256_file(out / rel) == info["sha256"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left
+    # no temp folders left (the lock file stays: it is how a second run learns who writes)
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
 
 
 def test_lint(exported):
@@ -125,12 +127,13 @@ def test_polygraphy_cli_rechecks_the_export(exported, tiny_transformer_dir, tmp_
     assert run.returncode != 0
 
 
-def test_dev_variant_feeds_batch_one_and_float_timesteps(tiny_transformer_dir, tmp_path):
-    entry = export_transformer(tiny_transformer_dir, "dev", tmp_path, moe="dense")
-    assert entry["axes"]["batch"] == [1, 4] and entry["batch_multiple"] == 1
-    assert [i["dtype"] for i in entry["inputs"] if i["name"] == "timesteps"] == ["float32"]
+def test_dev_variant_feeds_batch_one_and_float_timesteps(tiny_transformer_dir, tiny_export):
+    out, result = tiny_export("dense", "dev")
+    entry = result.component
+    assert entry.axes["batch"] == (1, 4) and entry.batch_multiple == 1
+    assert entry.input("timesteps").dtype == "float32"
     for batch in (1, 3):
-        report = compare_onnx(tiny_transformer_dir, tmp_path / "transformer" / "model.onnx",
+        report = compare_onnx(tiny_transformer_dir, out / "transformer" / "model.onnx",
                               sizes=["256x256", "336x128"], batch=batch)
         assert report.passed, report.format()
 
@@ -161,7 +164,7 @@ def _degenerate_routing_checkpoint(src: Path, dst: Path) -> Path:
 def test_routing_of_the_sample_input_is_not_baked(tiny_transformer_dir, tmp_path):
     ckpt = _degenerate_routing_checkpoint(tiny_transformer_dir, tmp_path / "ckpt")
     out = tmp_path / "export"
-    entry = export_transformer(ckpt, "full", out, moe="gather")
+    entry = export_transformer(ckpt, "full", out, moe="gather").component
     model = load_transformer(ckpt, dtype=torch.float32)
     seen = []
     gate = model.single_stream_blocks[0].block.ff_i.gate
@@ -189,6 +192,7 @@ def test_routing_of_the_sample_input_is_not_baked(tiny_transformer_dir, tmp_path
 # ---- bad input -----------------------------------------------------------------------------------
 
 def _cli_error(capsys, argv):
+    capsys.readouterr()  # only what this command prints
     rc = cli_main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
@@ -213,14 +217,14 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tiny_transformer_dir, tmp_pa
     shard = sorted((broken / "transformer").glob("*00001-of-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])
     err = _cli_error(capsys, ["export", str(broken), "--variant", "dev", "--out", str(tmp_path / "o3")])
-    assert "checkpoint failed to load" in err and str(shard) in err
+    assert str(shard) in err and "truncated" in err
     # an unwritable output directory (a path below a regular file)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     err = _cli_error(capsys, ["export", ckpt, "--variant", "dev", "--out", str(blocker / "sub")])
     assert "not writable" in err
     for o in ("o1", "o2", "o3"):
-        assert not (tmp_path / o / "transformer").exists()
+        assert not (tmp_path / o).exists()  # refused before anything was written
 
 
 def test_out_dir_holding_another_checkpoint_is_refused(tiny_transformer_dir, tmp_path, capsys):

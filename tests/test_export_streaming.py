@@ -12,47 +12,49 @@ import torch
 from hidream_export.compare.parity import random_feed
 from hidream_export.export import streaming
 from hidream_export.export.transformer import ExportError, export_transformer
-from hidream_export.manifest import sha256_file
+from hidream_export.files import LOCK_NAME, sha256_file
 from hidream_export.model import PRESETS
 from hidream_export.model.checkpoint import expected_shapes
-from hidream_export.tiny import write_transformer
+from hidream_export.testing.checkpoints import write_transformer
 
 
 def _outputs(folder, entry, sizes=((256, 256), (336, 128))):
     session = ort.InferenceSession(str(folder / "transformer" / "model.onnx"))
-    return [session.run(None, random_feed(entry, w, h, entry["batch_multiple"], i))[0] for i, (w, h) in enumerate(sizes)]
+    return [session.run(None, random_feed(entry, w, h, entry.batch_multiple, i))[0] for i, (w, h) in enumerate(sizes)]
 
 
 @pytest.mark.parametrize("moe", ["gather", "plugin"])
-def test_streamed_export_is_bit_identical_to_plain_export(tiny_transformer_dir, tmp_path, moe):
-    streamed = export_transformer(tiny_transformer_dir, "full", tmp_path / "s", moe=moe)
-    plain = export_transformer(tiny_transformer_dir, "full", tmp_path / "p", moe=moe, streaming=False)
-    assert streamed["streaming"] and not plain["streaming"]
-    for a, b in zip(_outputs(tmp_path / "s", streamed), _outputs(tmp_path / "p", plain)):
+def test_streamed_export_is_bit_identical_to_plain_export(tiny_transformer_dir, tiny_export, tmp_path, moe):
+    s_dir, s_result = tiny_export(moe)
+    streamed = s_result.component
+    plain = export_transformer(tiny_transformer_dir, "full", tmp_path / "p", moe=moe, streaming=False).component
+    assert streamed.streaming and not plain.streaming
+    for a, b in zip(_outputs(s_dir, streamed), _outputs(tmp_path / "p", plain)):
         assert np.array_equal(a, b)
     # The block-by-block graph has the plain export's signature, named axes included.
     def signature(folder):
         graph = onnx.load(str(folder / "transformer" / "model.onnx"), load_external_data=False).graph
         return [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
                 for v in [*graph.input, *graph.output]]
-    assert signature(tmp_path / "s") == signature(tmp_path / "p")
-    assert signature(tmp_path / "s")[0][2] == ["2*images", 16, "2*latent_height_16px", "2*latent_width_16px"]
+    assert signature(s_dir) == signature(tmp_path / "p")
+    assert signature(s_dir)[0][2] == ["2*images", 16, "2*latent_height_16px", "2*latent_width_16px"]
     # Every streamed initializer is named after a checkpoint key (or is a computed RoPE table).
     keys = set(expected_shapes(PRESETS["tiny"]))
-    mapped = streamed["initializer_map"]
+    mapped = streamed.initializer_map
     assert {k for k, v in mapped.items() if not v.startswith("computed:")} <= keys
     assert all(k == v for k, v in mapped.items() if not v.startswith("computed:"))
 
 
+@pytest.mark.slow
 def test_small_preset_streamed_equals_plain(tmp_path):
     """The issue's second preset (a few hundred million parameters): same ONNX Runtime outputs, bit for
     bit, at one fixed size (fixed to keep CI quick)."""
     ckpt = tmp_path / "small"
     write_transformer(ckpt / "transformer", "small")
     kw = dict(moe="dense", min_size="256x256", max_size="256x256", opt_size="256x256")
-    streamed = export_transformer(ckpt, "fast", tmp_path / "s", **kw)
-    plain = export_transformer(ckpt, "fast", tmp_path / "p", streaming=False, **kw)
-    assert streamed["initializers"] >= 300
+    streamed = export_transformer(ckpt, "fast", tmp_path / "s", **kw).component
+    plain = export_transformer(ckpt, "fast", tmp_path / "p", streaming=False, **kw).component
+    assert streamed.initializers >= 300
     a, = _outputs(tmp_path / "s", streamed, sizes=((256, 256),))
     b, = _outputs(tmp_path / "p", plain, sizes=((256, 256),))
     assert np.array_equal(a, b)
@@ -65,16 +67,17 @@ def test_real_config_graph_without_weights(tmp_path):
     import resource
 
     from hidream_export.export import blockwise
-    from hidream_export.export.transformer import batch_range, resolve_size_range
+    from hidream_export.export.spec import ExportSpec
+    from hidream_export.signature import batch_range, resolve_size_range
     from hidream_export.variants import get_variant
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg, v = PRESETS["real"], get_variant("dev")
     path = tmp_path / "model.onnx"
     # gather: the default lowering, with its data-dependent routing (traced once per block kind)
-    slots = blockwise.export_graph(cfg, path, "model.onnx.data", variant=v, size_range=resolve_size_range(v, cfg),
-                                   batch=batch_range(v), tdtype=torch.bfloat16, opset=20, torch_lowering="gather",
-                                   max_positions=85)
+    spec = ExportSpec(cfg, v, resolve_size_range(v, cfg), batch_range(v), "bf16", 20, "gather")
+    assert spec.max_positions == 128  # max(1360 px / 16 px per patch, twice the trained 64-patch grid)
+    slots = blockwise.export_graph(spec, path, "model.onnx.data")
     grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
     assert grown_gib < 2, f"tracing grew peak RSS by {grown_gib:.1f} GiB (the weights alone are 34 GB)"
     proto = onnx.load(str(path), load_external_data=False)
@@ -99,8 +102,9 @@ def test_real_config_graph_without_weights(tmp_path):
     onnx.checker.check_model(str(path))
 
 
-def test_interrupted_export_resumes_and_is_never_mistaken_for_finished(tiny_transformer_dir, tmp_path, monkeypatch):
-    reference = export_transformer(tiny_transformer_dir, "dev", tmp_path / "ref", moe="dense")
+def test_interrupted_export_resumes_and_is_never_mistaken_for_finished(tiny_transformer_dir, tiny_export, tmp_path,
+                                                                        monkeypatch):
+    reference = tiny_export("dense", "dev")[1].component
     out = tmp_path / "out"
     real_stream = streaming.stream_weights
     calls = collections.Counter()
@@ -125,18 +129,18 @@ def test_interrupted_export_resumes_and_is_never_mistaken_for_finished(tiny_tran
     resumed = []
     monkeypatch.setattr(streaming, "stream_weights",
                         lambda *a, start=0, **kw: (resumed.append(start), real_stream(*a, start=start, **kw))[1])
-    entry = export_transformer(tiny_transformer_dir, "dev", out, moe="dense")
+    entry = export_transformer(tiny_transformer_dir, "dev", out, moe="dense").component
     assert resumed == [64]  # continued after the last journaled tensor
-    assert entry["files"]["transformer/model.onnx.data"]["sha256"] == \
-        reference["files"]["transformer/model.onnx.data"]["sha256"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert entry.files["transformer/model.onnx.data"] == reference.files["transformer/model.onnx.data"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
     again = export_transformer(tiny_transformer_dir, "dev", out, moe="dense")
-    assert again.get("reused") and resumed == [64]
+    assert again.reused and resumed == [64]
 
 
 def test_disk_space_and_dry_run(tiny_transformer_dir, tmp_path, monkeypatch):
     result = export_transformer(tiny_transformer_dir, "dev", tmp_path / "dry", dry_run=True)
-    assert "161 initializers (157 from the checkpoint, 4 computed)" in result["text"]
+    assert result.plan.action == "export" and "would write" in result.plan.format()
+    assert "157 from the checkpoint, 4 computed" in result.plan.format()
     assert not (tmp_path / "dry").exists()
     import shutil
 

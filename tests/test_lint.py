@@ -16,9 +16,10 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
-from hidream_export.export import lint
-from hidream_export.export.lint import ERROR, INFO, WARNING, PluginSpec, lint_onnx, load_op_table, main
-from hidream_export.plugins import schema
+from hidream_export import lint
+from hidream_export.cli import main as cli_main
+from hidream_export.lint import ERROR, INFO, WARNING, PluginSpec, lint_onnx, load_op_table
+from hidream_export.moe import schema
 
 OPSET = 18
 
@@ -311,7 +312,7 @@ def test_wrong_plugin_version_is_an_error():
     ({"plugin_namespace": "hidream", "plugin_version": "1", "top_k": K_}, "num_experts is missing"),
     ({"plugin_namespace": "other", "plugin_version": "1", "top_k": K_, "num_experts": E_}, "plugin_namespace='other'"),
     ({"plugin_namespace": "hidream", "plugin_version": "1", "top_k": "2", "num_experts": E_}, "top_k is STRING"),
-    ({"plugin_namespace": "hidream", "plugin_version": "1", "top_k": 3, "num_experts": E_}, "top_k attribute 3"),
+    ({"plugin_namespace": "hidream", "plugin_version": "1", "top_k": 3, "num_experts": E_}, "attribute top_k=3"),
 ])
 def test_plugin_attribute_mismatches_are_errors(attrs, needle):
     report = lint_onnx(moe_model(attrs))
@@ -343,7 +344,11 @@ def test_declared_plugin_without_namespace_attribute():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Files, external data, the report and main()
+# Files, external data, the report and `hidream-export lint`
+
+
+def main_lint(argv):
+    return cli_main(["lint", *argv])
 
 
 def test_external_data_is_never_read(tmp_path):
@@ -374,35 +379,35 @@ def test_main_exit_codes(tmp_path, capsys):
     clean, broken = tmp_path / "clean.onnx", tmp_path / "broken.onnx"
     onnx.save_model(routing_model(), str(clean))
     onnx.save_model(scatter_model("ScatterND", "add"), str(broken))
-    assert main([str(clean)]) == 0
-    assert main([str(broken)]) == 1
+    assert main_lint([str(clean)]) == 0
+    assert main_lint([str(broken)]) == 1
     out = capsys.readouterr().out
     assert "scatternd_0" in out and "FAIL:" in out
 
-    assert main([str(broken), "--json"]) == 1
+    assert main_lint([str(broken), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["ok"] is False
 
     missing = tmp_path / "missing.onnx"
-    assert main([str(missing)]) == 2
+    assert main_lint([str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(missing) in err
 
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"this is not an onnx model\n")
-    assert main([str(garbage)]) == 2
+    assert main_lint([str(garbage)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(garbage) in err
 
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
-    assert main([str(empty)]) == 2
+    assert main_lint([str(empty)]) == 2
 
 
 def test_main_plugin_flags(tmp_path):
     path = tmp_path / "moe.onnx"
     onnx.save_model(moe_model(), str(path))
-    assert main([str(path)]) == 0
-    assert main([str(path), "--no-plugins"]) == 1
+    assert main_lint([str(path)]) == 0
+    assert main_lint([str(path), "--no-plugins"]) == 1
 
 
 def test_unreadable_file_is_exit_code_2(tmp_path):
@@ -412,6 +417,6 @@ def test_unreadable_file_is_exit_code_2(tmp_path):
     try:
         if os.access(path, os.R_OK):  # root reads anything: nothing to test
             pytest.skip("running as a user that can read mode-000 files")
-        assert main([str(path)]) == 2
+        assert main_lint([str(path)]) == 2
     finally:
         path.chmod(0o644)

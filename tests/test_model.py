@@ -28,7 +28,12 @@ def test_from_dict_reads_real_config_and_ignores_unknown_keys():
     ({"num_activated_experts": 5}, "num_activated_experts must be in 1..num_routed_experts=4, got 5"),
     ({"llama_layers": [0, 1]}, "one entry per block: num_layers + num_single_layers = 16 + 32 = 48, got 2"),
     ({"axes_dims_rope": [63, 33, 32]}, "positive and even"),
-    ({"patch_size": 0}, "patch_size must be a positive integer, got 0"),
+    ({"patch_size": 0}, "patch_size must be an integer in 1..4096, got 0"),
+    # Types and bounds come before anything is built: a float, a bool or a huge depth is refused at once.
+    ({"num_layers": 2.0}, "num_layers must be an integer in 0..1024, got 2.0"),
+    ({"num_layers": True}, "num_layers must be an integer in 0..1024, got True"),
+    ({"num_layers": 10_000_000}, "num_layers must be an integer in 0..1024, got 10000000"),
+    ({"caption_channels": [4096, "4096"]}, "caption_channels must be a list of integers"),
 ])
 def test_validation_names_the_numbers(change, needle):
     data = {**PRESETS["real"].to_dict(), **change}
@@ -46,7 +51,7 @@ def test_presets_sizes():
 # ---- state-dict layout -----------------------------------------------------------------------------
 
 def test_real_preset_keys_match_diffusers_and_spec():
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     cfg = PRESETS["real"]
     with torch.device("meta"):
         ours = HiDreamTransformer(cfg)
@@ -163,7 +168,7 @@ def test_rope_float32_tables_match_float64_everywhere_in_range():
 
 
 def test_rope_matches_diffusers_table():
-    emb = pytest.importorskip("diffusers.models.transformers.transformer_hidream_image")
+    import diffusers.models.transformers.transformer_hidream_image as emb
     rows, cols = 5, 7
     ids = torch.zeros(1, rows * cols, 3)
     ids[0, :, 1] = torch.arange(rows).repeat_interleave(cols).float()

@@ -26,6 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hidream_export.errors import MoEContractError
+from hidream_export.model import moe as model_moe_mod
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'hidream-export[kernels]')")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -115,7 +118,7 @@ def kernel_inputs(case: dict, seed: int = 0):
         for p in moe.parameters():
             p.copy_(p.to(dtype).float())
         x, scores = x.to(dtype).float(), scores.to(dtype).float()
-        expected = moe._reference(x, ids, scores)
+        expected = model_moe_mod.MOE_LOWERINGS["reference"](moe, x, ids, scores)
         gate_w, up_w, down_w = (w.to(dtype) for w in moe.stacked_weights())
     if case["strided"]:  # same values, (E, I, H)-major storage: exercises the stride arguments
         gate_w, up_w = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_w, up_w))
@@ -163,14 +166,14 @@ def _guard(fn):
 def _worker_interpret() -> dict:
     from hidream_export.model import HiDreamTransformer
     from hidream_export.model import moe as model_moe
-    from hidream_export.plugins import moe_triton
+    from hidream_export.moe import kernels as moe_triton
 
     results = {"interpreting": moe_triton.interpreting()}
 
     def run_kernel_case(case):
         args, expected = kernel_inputs(case)
         cfg = None if case["block"] is None else moe_triton.MoETileConfig(*case["block"])
-        got = moe_triton.moe_experts_triton(*args, config=cfg)
+        got = moe_triton.moe_triton(*args, config=cfg)
         assert got.dtype == args[0].dtype and got.shape == args[0].shape
         return error_stats(got, expected)
 
@@ -210,15 +213,15 @@ def _worker_interpret() -> dict:
 
         def kernels(moe, x, idx, w):
             w1, w3, w2 = (t.detach() for t in moe.stacked_weights())
-            return moe_triton.moe_experts_triton(x, idx.to(torch.int32), w, w1, w3, w2, config=cfg)
+            return moe_triton.moe_triton(x, idx.to(torch.int32), w, w1, w3, w2, config=cfg)
 
-        model_moe.EXTRA_LOWERINGS["triton_interpreted"] = kernels
+        model_moe.MOE_LOWERINGS["plugin"] = kernels  # this worker process only: the interpreted kernels
         torch.manual_seed(0)
         model = HiDreamTransformer("tiny").eval()
         inputs = tiny_transformer_inputs()
         with torch.no_grad():
             expected = model(*inputs)
-            got = model.set_moe_lowering("triton_interpreted")(*inputs)
+            got = model.set_moe_lowering("plugin")(*inputs)
         return error_stats(got, expected)
 
     results["tiny_transformer"] = _guard(run_tiny_transformer)
@@ -232,7 +235,7 @@ def _worker_compile() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from hidream_export.plugins import moe_triton
+    from hidream_export.moe import kernels as moe_triton
 
     if moe_triton.interpreting():
         return {"skip": "kernels are interpreted in this process (TRITON_INTERPRET is set)"}
@@ -329,19 +332,19 @@ def test_kernels_compile_for_sm80_and_sm90():
 
 
 # ================================================================================================
-# The torch.library op (CPU reference kernel, fake kernel) and the "triton" lowering
+# The torch.library op (CPU reference kernel, fake kernel) and the `plugin` lowering
 # ================================================================================================
 @pytest.fixture(scope="module")
 def moe_op():
-    from hidream_export.plugins import moe_op
+    from hidream_export.moe import torch_op
 
-    return moe_op
+    return torch_op
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[c["name"] for c in KERNEL_CASES])
 def test_op_cpu_matches_model_reference(moe_op, case):
     args, expected = kernel_inputs(case)
-    got = torch.ops.hidream.moe_experts(*args)
+    got = torch.ops.hidream.HiDreamMoE(*args)
     assert got.dtype == args[0].dtype
     assert_close(error_stats(got, expected), case["dtype"], case["name"])
 
@@ -349,50 +352,50 @@ def test_op_cpu_matches_model_reference(moe_op, case):
 def test_op_rejects_bad_inputs(moe_op):
     args, _ = kernel_inputs(KERNEL_CASES[0])
     x, ids, scores, g, u, d = args
-    with pytest.raises(TypeError, match="int32"):
-        torch.ops.hidream.moe_experts(x, ids.long(), scores, g, u, d)
-    with pytest.raises(ValueError, match="down_weights"):
-        torch.ops.hidream.moe_experts(x, ids, scores, g, u, d[:, :-1])
-    with pytest.raises(TypeError, match="scores"):
-        torch.ops.hidream.moe_experts(x, ids, scores.double(), g, u, d)
+    with pytest.raises(MoEContractError, match="INT32"):
+        torch.ops.hidream.HiDreamMoE(x, ids.long(), scores, g, u, d)
+    with pytest.raises(MoEContractError, match="down_weights"):
+        torch.ops.hidream.HiDreamMoE(x, ids, scores, g, u, d[:, :-1])
+    with pytest.raises(MoEContractError, match="scores"):
+        torch.ops.hidream.HiDreamMoE(x, ids, scores.double(), g, u, d)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_opcheck(moe_op, dtype):
     """Schema, fake-tensor kernel, and AOT-dispatch (static and dynamic) consistency."""
     args, _ = kernel_inputs(_case("opcheck", 13, 4, 2, "random", dtype=dtype))
-    torch.library.opcheck(torch.ops.hidream.moe_experts.default, args)
+    torch.library.opcheck(torch.ops.hidream.HiDreamMoE.default, args)
 
 
 def test_export_moe_layer_traces_through_fake_kernel(moe_op):
-    """torch.export with a symbolic token count keeps one hidream.moe_experts node and runs any T."""
+    """torch.export with a symbolic token count keeps one hidream.HiDreamMoE node and runs any T."""
     moe = make_moe(32, 64, 4, 2).eval()
-    moe.lowering = "triton"
+    moe.lowering = "plugin"
     tokens = torch.export.Dim("tokens", min=2, max=4096)
     program = torch.export.export(moe, (torch.randn(19, 32),), dynamic_shapes=({0: tokens},))
     targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.hidream.moe_experts.default) == 1
+    assert targets.count(torch.ops.hidream.HiDreamMoE.default) == 1
     for T in (5, 64):
         x = torch.randn(T, 32)
         with torch.no_grad():
             expected = moe(x)
             moe.lowering = "reference"
             reference = moe(x)
-            moe.lowering = "triton"
+            moe.lowering = "plugin"
         got = program.module()(x)
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
         assert (got - reference).abs().max() <= FP32_REL * reference.abs().max()
 
 
-def test_triton_lowering_is_registered(moe_op):
+def test_plugin_lowering_is_in_the_model_table(moe_op):
     from hidream_export.model import HiDreamTransformer
-    from hidream_export.model.moe import EXTRA_LOWERINGS
+    from hidream_export.model.lowerings import EXPORT_LOWERINGS
 
-    assert EXTRA_LOWERINGS["triton"] is moe_op.triton_lowering
-    assert HiDreamTransformer("tiny", moe_lowering="triton").moe_lowering == "triton"
+    assert "plugin" in EXPORT_LOWERINGS
+    assert HiDreamTransformer("tiny", moe_lowering="plugin").moe_lowering == "plugin"
 
 
-def test_tiny_transformer_triton_lowering_matches_reference(moe_op):
+def test_tiny_transformer_plugin_lowering_matches_reference(moe_op):
     from hidream_export.model import HiDreamTransformer
 
     torch.manual_seed(0)
@@ -400,43 +403,45 @@ def test_tiny_transformer_triton_lowering_matches_reference(moe_op):
     inputs = tiny_transformer_inputs()
     with torch.no_grad():
         expected = model(*inputs)
-        got = model.set_moe_lowering("triton")(*inputs)
-    assert_close(error_stats(got, expected), "float32", "tiny transformer, triton lowering")
+        got = model.set_moe_lowering("plugin")(*inputs)
+    assert_close(error_stats(got, expected), "float32", "tiny transformer, plugin lowering")
 
 
 def test_stacked_weight_cache_follows_the_parameters(moe_op):
     moe = make_moe(32, 64, 4, 2)
-    first = moe_op.stacked_expert_weights(moe, torch.float32)
-    assert moe_op.stacked_expert_weights(moe, torch.float32)[0] is first[0], "unchanged weights: cache hit"
+    first = moe.stacked_expert_weights(torch.float32)
+    assert moe.stacked_expert_weights(torch.float32)[0] is first[0], "unchanged weights: cache hit"
 
     with torch.no_grad():  # in-place update (optimizer step, copy_) bumps the version counter
         moe.experts[2].w3.weight.mul_(2)
-    second = moe_op.stacked_expert_weights(moe, torch.float32)
+    second = moe.stacked_expert_weights(torch.float32)
     assert torch.equal(second[1][2], moe.experts[2].w3.weight.t())
 
     state = {k: v * 0.5 for k, v in moe.state_dict().items()}
     moe.load_state_dict(state)
-    third = moe_op.stacked_expert_weights(moe, torch.float32)
+    third = moe.stacked_expert_weights(torch.float32)
     assert torch.equal(third[2][0], moe.experts[0].w2.weight.t())
 
     moe.experts[1].w1.weight.data = torch.randn_like(moe.experts[1].w1.weight)  # new storage
-    assert torch.equal(moe_op.stacked_expert_weights(moe, torch.float32)[0][1], moe.experts[1].w1.weight.t())
+    assert torch.equal(moe.stacked_expert_weights(torch.float32)[0][1], moe.experts[1].w1.weight.t())
 
-    half = moe_op.stacked_expert_weights(moe, torch.float16)
+    half = moe.stacked_expert_weights(torch.float16)
     assert half[0].dtype == torch.float16
 
     # Writes through .data bypass the version counter: documented, and invalidate() handles it.
     moe.experts[0].w1.weight.data.add_(1.0)
-    moe_op.invalidate_stacked_weights(moe)
-    assert torch.equal(moe_op.stacked_expert_weights(moe, torch.float32)[0][0], moe.experts[0].w1.weight.t())
+    moe.invalidate_stacked_weights()
+    assert torch.equal(moe.stacked_expert_weights(torch.float32)[0][0], moe.experts[0].w1.weight.t())
 
-    moe_op.CACHE_STACKED_WEIGHTS = False
+    from hidream_export.model import moe as model_moe
+
+    model_moe.CACHE_STACKED_WEIGHTS = False
     try:
-        moe_op.invalidate_stacked_weights(moe)
-        moe_op.stacked_expert_weights(moe, torch.float32)
+        moe.invalidate_stacked_weights()
+        moe.stacked_expert_weights(torch.float32)
         assert "_hidream_stacked_weights" not in moe.__dict__
     finally:
-        moe_op.CACHE_STACKED_WEIGHTS = True
+        model_moe.CACHE_STACKED_WEIGHTS = True
 
 
 # ================================================================================================
@@ -452,14 +457,14 @@ CUDA_CASES = [_case(f"cuda_{dt}_{routing}", 300, 4, 2, routing, dtype=dt, H=256,
 def test_cuda_op_matches_reference(moe_op, case):
     args, expected = kernel_inputs(case)
     args = tuple(a.cuda() for a in args)
-    got = torch.ops.hidream.moe_experts(*args)  # CUDA dispatch -> Triton kernels
+    got = torch.ops.hidream.HiDreamMoE(*args)  # CUDA dispatch -> Triton kernels
     assert_close(error_stats(got.cpu(), expected), case["dtype"], case["name"])
 
 
 @needs_cuda
 @needs_triton
 def test_cuda_kernels_never_sync_with_the_host(moe_op):
-    from hidream_export.plugins.moe_triton import moe_experts_triton
+    from hidream_export.moe.kernels import moe_triton as moe_experts_triton
 
     args, expected = kernel_inputs(CUDA_CASES[0])
     args = tuple(a.cuda() for a in args)

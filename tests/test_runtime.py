@@ -9,7 +9,6 @@ CFG and prompts change the image. tests/test_runtime_e2e.py compares real builds
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -24,10 +23,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hidream_export.manifest import FORMAT_VERSION, ManifestError, file_hashes, write_json_atomic
+from hidream_export.cli import main as cli_main
+from hidream_export.files import atomic_write_json as write_json_atomic
+from hidream_export.files import file_record
+from hidream_export.manifest import FORMAT_VERSION, ManifestError, OnnxComponent
 from hidream_export.runtime import (Backend, BackendUnavailable, OrtBackend, Pipeline, PromptTruncatedWarning,
                                     get_backend)
-from hidream_export.runtime import generate
 from hidream_export.runtime.backends import OrtSession
 from hidream_export.variants import get_variant
 
@@ -46,6 +47,10 @@ CORPUS = ["a cat holding a sign", "a painting of a squirrel eating a burger", "r
 
 
 # --- the fake engine folder ---------------------------------------------------------------------------
+
+def file_hashes(folder: Path, files: list[str]) -> dict:
+    return {f: file_record(folder / f) for f in files}
+
 
 def _model(nodes, inputs, outputs, initializers=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
@@ -213,7 +218,7 @@ def make_fake_engine(folder: Path, variant: str = "fast", scheduler_config: bool
         write_json_atomic(folder / rel, config)
         components["scheduler"] = {"kind": "scheduler", "path": rel, "files": file_hashes(folder, [rel])}
 
-    manifest = {"format_version": FORMAT_VERSION, "variant": v.to_dict(), "components": components}
+    manifest = {"format_version": FORMAT_VERSION, "variant": {"name": v.name}, "components": components}
     write_json_atomic(folder / "manifest.json", manifest)
     return folder
 
@@ -251,8 +256,8 @@ class CountingBackend(OrtBackend):
         super().__init__(threads=1)
         self.calls: list[str] = []
 
-    def load(self, folder, entry):
-        inner, calls = super().load(folder, entry), self.calls
+    def load(self, path, entry):
+        inner, calls = super().load(path, entry), self.calls
 
         class Counting:
             input_names, output_names = inner.input_names, inner.output_names
@@ -308,7 +313,7 @@ def test_refuses_a_file_whose_hash_does_not_match_naming_it(fast_dir, tmp_path):
     raw = bytearray(data.read_bytes())
     raw[-1] ^= 0xFF  # same size: only the hash can tell
     data.write_bytes(bytes(raw))
-    with pytest.raises(ManifestError, match=r"transformer/model\.onnx\.data: does not match the hash"):
+    with pytest.raises(ManifestError, match=r"transformer/model\.onnx\.data: does not match the SHA-256"):
         Pipeline.from_dir(folder)
     # verify=False trusts the bytes but still checks sizes, so it loads.
     Pipeline.from_dir(folder, verify=False)
@@ -354,7 +359,7 @@ def test_bad_scheduler_flavour_is_refused(fast_dir):
 
 def test_backend_registry():
     assert isinstance(get_backend("ort"), OrtBackend)
-    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+    with pytest.raises(ValueError, match="--backend 'cuda' is not one of"):
         get_backend("cuda")
     with pytest.raises(BackendUnavailable, match="no \\['NoSuchExecutionProvider'\\]"):
         OrtBackend(providers=["NoSuchExecutionProvider"])
@@ -370,7 +375,7 @@ def test_trt_backend_without_tensorrt_says_to_use_ort():
 
 
 def test_ort_session_casts_feeds_and_handles_bfloat16(tmp_path):
-    pytest.importorskip("ml_dtypes")
+    import ml_dtypes  # noqa: F401  (a runtime dependency)
     # onnxruntime's CPU kernels barely do bfloat16 arithmetic; Cast they do.
     model = _model([helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT),
                     helper.make_node("Add", ["f", "f"], ["f2"]),
@@ -378,7 +383,7 @@ def test_ort_session_casts_feeds_and_handles_bfloat16(tmp_path):
                    [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n"])],
                    [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["n"])])
     onnx.save_model(model, tmp_path / "m.onnx")
-    session = OrtBackend(threads=1).load(tmp_path, {"kind": "onnx", "path": "m.onnx"})
+    session = OrtBackend(threads=1).load(tmp_path / "m.onnx", OnnxComponent("m.onnx", {}))
     assert isinstance(session, OrtSession)
     y = session.run({"x": np.array([1.5, -2.25, 3.0], dtype=np.float32)})["y"]
     assert y.dtype.name == "bfloat16"
@@ -604,7 +609,7 @@ def test_backend_instance_and_custom_backend_hook(fast_dir):
         thread_safe = False  # the pipeline must serialise calls
 
         def component_key(self, manifest, name):
-            assert name in manifest["components"]
+            assert name in manifest.components
             return name
 
     pipe = Pipeline.from_dir(fast_dir, backend=Picky(threads=1), progress=False)
@@ -614,15 +619,14 @@ def test_backend_instance_and_custom_backend_hook(fast_dir):
 
 # --- CLI helpers ---------------------------------------------------------------------------------------------
 
-def _parse(argv):
-    return generate.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+def generate(argv):
+    return cli_main(["generate", *argv])
 
 
 def test_generate_command_writes_image_and_report(fast_dir, tmp_path, capsys):
     out, report = tmp_path / "img" / "cat.png", tmp_path / "report.json"
-    args = _parse([str(fast_dir), "--prompt", "a cat", "--seed", "4", "--steps", "2", "--width", "96",
-                   "--height", "64", "--any-size", "--json", str(report), "-o", str(out), "--threads", "1"])
-    assert generate.run(args) == 0
+    assert generate([str(fast_dir), "--prompt", "a cat", "--seed", "4", "--steps", "2", "--width", "96",
+                     "--height", "64", "--any-size", "--json", str(report), "-o", str(out), "--threads", "1"]) == 0
     from PIL import Image
 
     assert Image.open(out).size == (96, 64)
@@ -633,14 +637,11 @@ def test_generate_command_writes_image_and_report(fast_dir, tmp_path, capsys):
 
 
 def test_generate_command_reports_bad_requests(fast_dir, tmp_path, capsys):
-    args = _parse([str(fast_dir), "--prompt", "a cat", "--width", "1000", "--height", "1000", "--any-size",
-                   "--quiet", "-o", str(tmp_path / "x.png")])
-    assert generate.run(args) == 2
+    assert generate([str(fast_dir), "--prompt", "a cat", "--width", "1000", "--height", "1000", "--any-size",
+                     "--quiet", "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "not a multiple of 16" in err and not (tmp_path / "x.png").exists()
-    args = _parse([str(tmp_path / "nowhere"), "--prompt", "a cat", "--quiet", "-o", str(tmp_path / "x.png")])
-    assert generate.run(args) == 2
+    assert generate([str(tmp_path / "nowhere"), "--prompt", "a cat", "--quiet", "-o", str(tmp_path / "x.png")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
-    args = _parse([str(fast_dir), "--prompt", "a cat", "--quiet", "-o", str(tmp_path / "x.unknown")])
-    assert generate.run(args) == 2
+    assert generate([str(fast_dir), "--prompt", "a cat", "--quiet", "-o", str(tmp_path / "x.unknown")]) == 2
     assert "unknown image format" in capsys.readouterr().err

@@ -13,25 +13,21 @@ level). The measured values are printed (run with -s) and attached to the test r
 
 from __future__ import annotations
 
+import diffusers.schedulers.scheduling_flow_match_lcm as lcm_module
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-build = pytest.importorskip("hidream_export.build.pipeline", reason="the build pipeline is not available yet")
-
-import diffusers.schedulers.scheduling_flow_match_lcm as lcm_module  # noqa: E402
-
-from hidream_export.runtime import Pipeline  # noqa: E402
-from hidream_export.tiny_pipeline import LLAMA_SUBDIR, write_model_folder  # noqa: E402
-from hidream_export.variants import VAE_SCALE, get_variant  # noqa: E402
+from hidream_export.runtime import Pipeline
+from hidream_export.testing.model_folder import LLAMA_SUBDIR
+from hidream_export.variants import VAE_SCALE, get_variant
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "A painting of a squirrel eating a burger"
 IMAGE_ATOL = 1e-3
 # Per variant: a few steps and a size inside the tiny transformer's exported range (128..336 px,
-# max_seq 256 tokens). Dev runs non-square, so the transformer's padding path (spec quirk 1) is compared.
+# max_seq 256 tokens). Dev runs non-square, so the transformer's padding path is compared.
 CASES = {
     "full": dict(steps=3, guidance=5.0, width=256, height=256),  # CFG with negative prompt ""
     "dev": dict(steps=3, guidance=0.0, width=320, height=192),  # 20 x 12 = 240 tokens, padded to 256
@@ -44,26 +40,9 @@ MEASURED: dict[str, dict[str, float]] = {}
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("e2e")
-
-
-@pytest.fixture(scope="module")
-def built(root):
-    """variant -> (model folder, engine folder), built lazily once per module. All variants build into
-    one engines/ root, so the encoders, tokenizers and VAE (identical across variants) are exported once
-    and shared through its .shared store."""
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            model = write_model_folder(root / "models" / variant, variant, preset="tiny", seed=0)
-            engines = root / "engines" / variant
-            build.build_pipeline(model, variant, engines, llama=model / LLAMA_SUBDIR)
-            cache[variant] = (model, engines)
-        return cache[variant]
-
-    return get
+def variant_folders(tiny_models, built):
+    """variant -> (model folder, engine folder), from the session's shared builds (tests/conftest.py)."""
+    return lambda variant: (tiny_models(variant), built.folder(variant))
 
 
 def _diffusers_pipeline(model):
@@ -81,9 +60,9 @@ def _diffusers_pipeline(model):
 
 
 @pytest.mark.parametrize("variant", sorted(CASES))
-def test_runtime_matches_diffusers(built, variant, monkeypatch, record_property):
+def test_runtime_matches_diffusers(variant_folders, variant, monkeypatch, record_property):
     case, spec = CASES[variant], get_variant(variant)
-    model, engines = built(variant)
+    model, engines = variant_folders(variant)
     w, h, steps = case["width"], case["height"], case["steps"]
 
     runtime = Pipeline.from_dir(engines, threads=2, progress=False)
@@ -143,9 +122,9 @@ def test_runtime_matches_diffusers(built, variant, monkeypatch, record_property)
     assert pixel_diff <= 1
 
 
-def test_full_build_reproduces_with_one_seed(built):
+def test_full_build_reproduces_with_one_seed(variant_folders):
     """On a real build, a seed gives one image bit for bit; another seed another image."""
-    _, engines = built("full")
+    _, engines = variant_folders("full")
     runtime = Pipeline.from_dir(engines, threads=2, progress=False)
     a = runtime(PROMPT, width=128, height=128, any_size=True, steps=2, seed=5)
     b = runtime(PROMPT, width=128, height=128, any_size=True, steps=2, seed=5)

@@ -348,7 +348,7 @@ def test_make_scheduler_reads_the_variant_recipes():
         assert s.kind == v.scheduler and s.diffusers_class == v.diffusers_scheduler
         assert s.shift == v.shift and len(s.timesteps) == v.steps
         assert s.timesteps.dtype == np.dtype(v.timestep_dtype)
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(ValueError, match="--variant .turbo. is not one of"):
         make_scheduler("turbo")
 
 

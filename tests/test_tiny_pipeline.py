@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from hidream_export.model.config import TransformerConfig, get_preset
-from hidream_export.tiny_pipeline import LLAMA_SUBDIR, write_model_folder
+from hidream_export.testing.model_folder import LLAMA_SUBDIR, write_model_folder
 from hidream_export.variants import TEXT_LENGTH, VARIANTS
 
 PROMPT = "A painting of a squirrel eating a burger, 42 times!"
@@ -38,9 +38,8 @@ LLAMA_FILES = {"config.json", "generation_config.json", "model.safetensors", "to
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_pipeline")
-    return {name: write_model_folder(root / name, name) for name in VARIANTS}
+def folders(tiny_models):
+    return {name: tiny_models(name) for name in VARIANTS}
 
 
 def _read(path: Path) -> dict:
@@ -196,11 +195,11 @@ def test_encoders_follow_a_custom_transformer_config(tmp_path):
 # ---- generation: deterministic, atomic, CLI -------------------------------------------------------
 
 def test_generation_is_deterministic(folders, tmp_path):
-    import hidream_export.tiny_pipeline as tp
+    import hidream_export.testing.tokenizers as tp
 
     # Drop the in-process tokenizer caches so the tokenizers are trained again (hash-map order in the
     # Rust trainers changes between map instances, as it does between processes).
-    for fn in (tp._clip_vocab_and_merges, tp._t5_spiece_model, tp._llama_tokenizer_json):
+    for fn in (tp.clip_vocab_and_merges, tp.t5_spiece_model, tp.llama_tokenizer_json):
         fn.cache_clear()
     again = _digests(write_model_folder(tmp_path / "again", "full"))
     reference = _digests(folders["full"])

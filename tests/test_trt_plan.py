@@ -20,12 +20,16 @@ import onnx
 import pytest
 
 from hidream_export import doctor
-from hidream_export.build.plan import (PREPARED_ONNX_NAME, BuildPlanError, engine_file_name, engine_key,
-                                       make_build_plan, normalize_compute_capability, plugin_functions,
-                                       refit_name_map, refit_sources, strip_plugin_functions, write_prepared_onnx)
-from hidream_export.export.lint import INFO, lint_onnx
-from hidream_export.export.transformer import batch_range, transformer_io
-from hidream_export.plugins import schema
+from hidream_export.build.plan import PREPARED_ONNX_NAME, TrtBuildOptions, make_build_plan
+from hidream_export.build.prepare import plugin_functions, strip_plugin_functions, write_prepared_onnx
+from hidream_export.build.refit import refit_name_map, refit_sources
+from hidream_export.errors import BuildPlanError, TensorRTUnavailable
+from hidream_export.lint import INFO, lint_onnx
+from hidream_export.manifest import (FORMAT_VERSION, Manifest, PluginRequirement, engine_file_name, engine_key,
+                                     normalize_compute_capability)
+from hidream_export.moe import schema
+from hidream_export.signature import batch_range, transformer_signature
+from hidream_export.testing import marks
 from hidream_export.variants import RECOMMENDED_SIZES, SizeRange, get_variant
 
 TRT, SM = "11.1.0", "9.0"
@@ -46,15 +50,19 @@ def make_manifest(variant: str, *, graph: str | None = None, weights: str | None
     """A manifest as `build` writes it: transformer (plugin export) + shared text encoders and VAE."""
     v = get_variant(variant)
     sr = size_range or v.size_range
+    sig = transformer_signature(REAL, v, sr, batch_range(v), "bf16")
     transformer = {
         "kind": "onnx", "path": "transformer/model.onnx",
         "files": _files("transformer/model.onnx", graph or f"graph-{v.timestep_dtype}", weights or f"weights-{variant}"),
         "dtype": "bf16", "moe_lowering": "plugin" if plugin else "gather",
-        **transformer_io(REAL, v, sr, batch_range(v), "bf16"),
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in sig.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in sig.outputs],
+        "axes": {k: list(r) for k, r in sig.axes.items()}, "batch_multiple": sig.batch_multiple,
+        "size_range": sig.size_range.to_dict(), "max_seq": sig.max_seq,
     }
     if plugin:
-        transformer["plugin"] = {"op_type": schema.OP_TYPE, "domain": schema.DOMAIN,
-                                 "namespace": schema.PLUGIN_NAMESPACE, "version": schema.PLUGIN_VERSION}
+        transformer["plugin"] = {"name": schema.OP_TYPE, "namespace": schema.PLUGIN_NAMESPACE,
+                                 "version": schema.PLUGIN_VERSION}
     comps = {"transformer": transformer}
     for name in ("clip_l", "t5", "llama"):
         inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", 128]}]
@@ -67,22 +75,24 @@ def make_manifest(variant: str, *, graph: str | None = None, weights: str | None
         "inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 16, "latent_height", "latent_width"]}],
         "outputs": [], "axes": {"batch": [1, 4], "latent_height": [32, 192], "latent_width": [32, 192]}}
     comps["tokenizer_t5"] = {"kind": "tokenizer", "path": "tokenizers/t5/tokenizer.json", "files": {}}
-    return {"format_version": 1, "variant": v.to_dict(), "components": comps}
+    return {"format_version": FORMAT_VERSION, "variant": {"name": variant}, "components": comps}
 
 
 def plan_for(manifest, folder="/x/full", exists=lambda p: False, **kw):
-    kw.setdefault("trt_version", TRT)
-    kw.setdefault("compute_capability", SM)
-    return make_build_plan(manifest, folder, exists=exists, **kw)
+    target = {k: kw.pop(k) for k in ("trt_version", "compute_capability", "gpu_name") if k in kw}
+    target.setdefault("trt_version", TRT)
+    target.setdefault("compute_capability", SM)
+    if "components" in kw:
+        kw["components"] = tuple(kw["components"])
+    return make_build_plan(manifest, folder, TrtBuildOptions(**kw), exists=exists, **target)
 
 
 def record(plan, manifest) -> dict:
     """The manifest after building `plan` (what build_engines writes), without TensorRT."""
     out = json.loads(json.dumps(manifest))
     for e in plan.engines:
-        out["components"][e.key] = {"kind": "trt_engine", "path": e.output, "tensorrt_version": plan.trt_version,
-                                    "compute_capability": plan.compute_capability, "gpu_name": plan.gpu_name,
-                                    "plan_version": 1, **e.manifest_fields()}
+        entry = Manifest.from_dict(manifest).components[e.component]
+        out["components"][e.key] = e.engine_component(plan, {}, entry, 0.0).to_dict()
     return out
 
 
@@ -161,7 +171,7 @@ def test_flags_and_plugins():
     t = plan.engine("transformer")
     assert t.flags == {"strongly_typed": True, "refit": True, "weight_stripped": True, "opt_level": 4,
                        "workspace_bytes": 8 * 2**30, "plugin_impl": "jit", "static_sizes": False}
-    assert t.plugins == [{"name": "HiDreamMoE", "namespace": "hidream", "version": "1", "implementation": "jit"}]
+    assert t.plugins == [PluginRequirement("HiDreamMoE", "hidream", "1", "jit")]
     assert t.prepared_onnx == f"transformer/{PREPARED_ONNX_NAME}"
     clip = plan.engine("clip_l")
     assert clip.flags["refit"] is False and clip.flags["weight_stripped"] is False and clip.plugins == []
@@ -174,7 +184,7 @@ def test_bad_options_are_refused():
     m = make_manifest("full")
     with pytest.raises(BuildPlanError, match="refittable"):
         plan_for(m, refit=False, weight_stripped=True)
-    with pytest.raises(BuildPlanError, match="optimization level"):
+    with pytest.raises(BuildPlanError, match="--opt-level"):
         plan_for(m, opt_level=7)
     with pytest.raises(BuildPlanError, match="no ONNX component"):
         plan_for(m, components=["unet"])
@@ -285,12 +295,14 @@ def test_plan_format_and_dict():
 # ---- a real plugin export: preparation for the parser, lint, name map ----------------------------------
 
 @pytest.fixture(scope="module")
-def plugin_export(tiny_transformer_dir, tmp_path_factory):
-    from hidream_export.export.transformer import export_transformer
+def plugin_export(tiny_export, tmp_path_factory):
+    """A copy of the session's plugin export (the tests write the prepared ONNX into it)."""
+    import shutil
 
-    out = tmp_path_factory.mktemp("trt_plugin_export")
-    entry = export_transformer(tiny_transformer_dir, "full", out, moe="plugin")
-    return out, entry
+    src, result = tiny_export("plugin")
+    out = tmp_path_factory.mktemp("trt_plugin_export") / "full"
+    shutil.copytree(src, out)
+    return out, result.component
 
 
 def test_strip_removes_only_the_plugin_function(plugin_export):
@@ -337,7 +349,7 @@ def test_refit_name_map_and_sources(plugin_export):
     names = refit_name_map(path)
     model = onnx.load(path, load_external_data=False)
     assert names == {i.name: i.name for i in model.graph.initializer}
-    sources = refit_sources(path, entry.get("initializer_map"))
+    sources = refit_sources(path, entry.initializer_map)
     assert set(sources) == set(names)
     stacks = {k: v for k, v in sources.items() if "stack" in v}
     moe_nodes = [n for n in model.graph.node if n.op_type == schema.OP_TYPE]
@@ -371,7 +383,7 @@ def test_refit_sources_trace_folded_weight_stacks():
     node = helper.make_node(schema.OP_TYPE, ["x", "ids", "w", "stack_7", "stack_8", "stack_9"], ["y"],
                             domain=schema.DOMAIN, **schema.node_attributes(2, E))
     node.metadata_props.add(key="pkg.torch.onnx.name_scopes",
-                            value="['', 'double_stream_blocks.1', 'double_stream_blocks.1.block.ff_i', 'moe_experts_1']")
+                            value="['', 'double_stream_blocks.1', 'double_stream_blocks.1.block.ff_i', 'HiDreamMoE_1']")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", H])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", H])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(schema.DOMAIN, 1)])
@@ -387,7 +399,7 @@ def test_refit_sources_trace_folded_weight_stacks():
 def test_plan_from_the_real_export_manifest(plugin_export):
     out, _ = plugin_export
     manifest = json.loads((out / "manifest.json").read_text())
-    plan = make_build_plan(manifest, out, trt_version=TRT, compute_capability=SM)
+    plan = make_build_plan(Manifest.read(out), out, trt_version=TRT, compute_capability=SM)
     t = plan.engine("transformer")
     axes = manifest["components"]["transformer"]["axes"]
     hs = t.profiles[0].shapes["hidden_states"]
@@ -395,30 +407,30 @@ def test_plan_from_the_real_export_manifest(plugin_export):
     assert (hs["min"][2], hs["max"][2]) == tuple(axes["latent_height"])
     opt_w, opt_h = manifest["components"]["transformer"]["size_range"]["opt"]
     assert hs["opt"][2:] == (opt_h // 8, opt_w // 8)
-    assert t.plugins[0]["name"] == "HiDreamMoE" and t.prepared_onnx == "transformer/model.trt.onnx"
+    assert t.plugins[0].name == "HiDreamMoE" and t.prepared_onnx == "transformer/model.trt.onnx"
 
 
 # ---- without TensorRT ----------------------------------------------------------------------------------------
 
-NO_TRT = doctor.tensorrt_skip_reason() is None
+NO_TRT = marks.tensorrt_skip_reason() is None
 
 
 @pytest.mark.skipif(NO_TRT, reason="TensorRT can build engines here")
 def test_build_engines_without_tensorrt_says_so_but_dry_runs(plugin_export):
-    from hidream_export.build.trt import TensorRTUnavailable, build_engines
+    from hidream_export.build.trt import build_engines
 
     out, _ = plugin_export
-    result = build_engines(out, dry_run=True, trt_version=TRT, compute_capability=SM)
+    result = build_engines(out, options=TrtBuildOptions(trt_version=TRT, compute_capability=SM), dry_run=True)
     assert result.dry_run and not result.done and result.plan.engine("transformer").action == "build"
     assert "dry run: nothing built" in result.format()
-    if doctor._cached()["libraries"]["tensorrt"]["available"]:
+    if doctor.cached()["libraries"]["tensorrt"]["available"]:
         pytest.skip("TensorRT imports here (only the GPU is missing)")
     with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed") as err:
         build_engines(out)
     assert "hidream-export doctor" in str(err.value) and "pip install" in str(err.value)
 
 
-@pytest.mark.skipif(doctor._cached()["backends"]["trt"]["available"], reason="the trt backend works here")
+@pytest.mark.skipif(doctor.cached()["backends"]["trt"]["available"], reason="the trt backend works here")
 def test_trt_backend_without_tensorrt_is_unavailable_with_the_reason():
     from hidream_export.runtime.backends import BackendUnavailable, get_backend
     from hidream_export.runtime.trt_backend import TrtBackend
@@ -438,7 +450,7 @@ def test_trt_backend_module_imports_without_tensorrt_or_torch():
 
 # ---- with TensorRT (skipped with doctor's reason elsewhere) -------------------------------------------------
 
-@doctor.requires_tensorrt()
+@marks.requires_tensorrt()
 def test_engine_matches_onnxruntime(plugin_export, tiny_transformer_dir):
     """Build the tiny plugin export into a TensorRT engine and compare it with ONNX Runtime on the same feed."""
     import onnxruntime as ort
@@ -452,8 +464,9 @@ def test_engine_matches_onnxruntime(plugin_export, tiny_transformer_dir):
     assert result.plan.engine("transformer").action in ("build", "reuse")
     manifest = result.manifest
     backend = TrtBackend()
-    session = backend.load(out, manifest["components"][backend.component_key(manifest, "transformer")])
-    w, h = entry["size_range"]["opt"]
+    key = backend.component_key(manifest, "transformer")
+    session = backend.load(manifest.file_path(out, key), manifest.components[key])
+    w, h = entry.size_range.opt
     feed = random_feed(entry, w, h, 2, seed=0)
     ref = ort.InferenceSession(str(out / "transformer" / "model.onnx")).run(None, feed)[0]
     got = session.run(feed)["sample"]
@@ -461,21 +474,18 @@ def test_engine_matches_onnxruntime(plugin_export, tiny_transformer_dir):
     assert session.timings and session.timings[-1]["compute_ms"] > 0
 
 
-def test_cli_options_map_onto_build_engines(plugin_export):
-    import argparse
+def test_cli_options_map_onto_build_engines(plugin_export, capsys):
+    from hidream_export.cli import build_parser
+    from hidream_export.cli import _trt_options
+    from hidream_export.build.trt import build_engines
 
-    from hidream_export.build import trt
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("folder")
-    trt.add_arguments(parser)
-    args = parser.parse_args([str(plugin_export[0]), "--trt-version", TRT, "--compute-capability", "sm90",
-                              "--refit", "identical", "--opt-level", "4", "--timing-cache", "none", "--engines",
-                              "transformer"])
-    opts = trt.options_from_args(args)
-    assert opts["refit"] == "identical" and opts["weight_stripped"] and opts["timing_cache"] is None
-    manifest = json.loads((plugin_export[0] / "manifest.json").read_text())
-    result = trt.build_engines(args.folder, manifest, dry_run=True, **opts)  # build.pipeline passes its manifest
+    args = build_parser().parse_args(["build", "unused", "--variant", "full", "--trt", "--dry-run", "--trt-version", TRT,
+                                      "--compute-capability", "sm90", "--refit", "identical", "--opt-level", "4",
+                                      "--timing-cache", "none", "--engines", "transformer"])
+    opts = _trt_options(args)
+    assert opts.refit == "identical" and opts.weight_stripped and opts.timing_cache is None
+    manifest = Manifest.read(plugin_export[0])
+    result = build_engines(plugin_export[0], manifest, options=opts, dry_run=True)  # build.pipeline passes its manifest
     t = result.plan.engine("transformer")
     assert t.flags["refit"] == "identical" and t.flags["opt_level"] == 4 and result.plan.timing_cache is None
-    assert result.manifest["components"].keys() == manifest["components"].keys()
+    assert result.manifest.components.keys() == manifest.components.keys()

@@ -26,8 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from hidream_export.plugins import loader, schema
-from hidream_export.plugins import trt_plugin as tp
+from hidream_export import errors
+from hidream_export.manifest import PluginRequirement, TransformerComponent, TrtEngineComponent
+from hidream_export.moe import aot_kernel as ak
+from hidream_export.moe import loader, schema, tactics
+from hidream_export.moe import trt_plugin as tp
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'hidream-export[kernels]')")
@@ -45,12 +48,12 @@ GOOD = [((T, H), "float16"), ((T, K), "int32"), ((T, K), "float16"), ((E, H, I),
 def test_output_desc_is_hidden_states_shape_and_dtype():
     out = tp.moe_output_desc(GOOD, top_k=K, num_experts=E)
     assert out == tp.TensorSpec((T, H), "FP16")
-    # dynamic token count (unknown at build time) stays unknown; dims agree with schema.infer_shapes
+    # dynamic token count (unknown at build time) stays unknown; dims agree with schema.check
     dyn = [((None, H), "bf16"), ((None, K), "INT32"), ((None, K), "bfloat16"), ((E, H, I), "BF16"),
            ((E, H, I), "BF16"), ((E, I, H), "BF16")]
     assert tp.moe_output_desc(dyn) == tp.TensorSpec((None, H), "BF16")
-    shapes = schema.infer_shapes(*[s for s, _ in GOOD])
-    assert tp.moe_output_shape([s for s, _ in GOOD]) == (shapes.tokens, shapes.hidden)
+    shapes = schema.check([s for s, _ in GOOD])
+    assert (shapes.tokens, shapes.hidden) == (T, H)
 
 
 @pytest.mark.parametrize("index, bad, message", [
@@ -93,10 +96,10 @@ def test_attributes_must_match_the_known_dims():
 @pytest.mark.parametrize("spelling, canon", [("float32", "FP32"), ("FLOAT", "FP32"), ("half", "FP16"),
                                              ("torch.bfloat16", "BF16"), ("BF16", "BF16"), ("tensor(int32)", "INT32")])
 def test_dtype_spellings(spelling, canon):
-    assert tp.canonical_dtype(spelling) == canon
+    assert schema.dtype_name(spelling) == canon
     enum_like = types.SimpleNamespace(name=spelling.upper())  # TensorRT's DataType.HALF etc. by enum name
     if spelling.upper() in ("FLOAT", "HALF", "BF16"):
-        assert tp.canonical_dtype(enum_like) == canon
+        assert schema.dtype_name(enum_like) == canon
 
 
 # ================================================================================================
@@ -118,16 +121,16 @@ def test_autotune_combinations_are_the_three_activation_types_with_int32_ids():
 
 
 def test_tactic_tables():
-    assert [t.id for t in tp.JIT_TACTICS] == [t.id for t in tp.AOT_TACTICS] == [1, 2, 3, 4]
-    assert tp.JIT_TACTICS[0].tile is None  # heuristic: moe_triton.default_config per call
-    for t in tp.AOT_TACTICS:
+    assert [t.id for t in tactics.JIT_TACTICS] == [t.id for t in tactics.AOT_TACTICS] == [1, 2, 3, 4]
+    assert tactics.JIT_TACTICS[0].tile is None  # heuristic: moe_triton.default_config per call
+    for t in tactics.AOT_TACTICS:
         assert set(t.tile) == {"block_m", "block_n", "block_i", "block_k", "num_warps", "num_stages"}
 
 
 def test_aot_launch_arithmetic():
-    grid, scalars = tp.aot_launch_args(100, 2560, 6912, 32, 128)
+    grid, scalars = ak.aot_launch_args(100, 2560, 6912, 32, 128)
     assert grid == 4 * 20 and scalars == [100, 2560, 6912]
-    assert tp.AOT_KERNEL_PARAMS == 10  # 6 input pointers, 3 int32 extra args, 1 output pointer
+    assert ak.AOT_KERNEL_PARAMS == 10  # 6 input pointers, 3 int32 extra args, 1 output pointer
 
 
 def test_dropping_unused_implicit_ptx_parameters():
@@ -136,12 +139,12 @@ def test_dropping_unused_implicit_ptx_parameters():
         return ".version 8.0\n.visible .entry k(\n\t" + ",\n\t".join(params) + "\n)\n{\n" + body + "\n}\n"
 
     used_two = "ld.param.b64 %rd1, [k_param_0];\nld.param.b64 %rd2, [k_param_1];"
-    out, dropped = tp._drop_unused_trailing_params(ptx(used_two), "k", 2)
+    out, dropped = ak._drop_unused_trailing_params(ptx(used_two), "k", 2)
     assert dropped == 1 and "k_param_2" not in out and "k_param_1\n)" in out
     with pytest.raises(RuntimeError, match="k_param_2 is used"):
-        tp._drop_unused_trailing_params(ptx(used_two + "\nld.param.b64 %rd3, [k_param_2];"), "k", 2)
+        ak._drop_unused_trailing_params(ptx(used_two + "\nld.param.b64 %rd3, [k_param_2];"), "k", 2)
     with pytest.raises(RuntimeError, match="declares 3 parameters"):
-        tp._drop_unused_trailing_params(ptx(used_two), "k", 4)
+        ak._drop_unused_trailing_params(ptx(used_two), "k", 4)
 
 
 # ================================================================================================
@@ -152,12 +155,12 @@ def _worker_interpret() -> dict:
     plus the JIT tactics' tile configs."""
     import torch
 
-    from hidream_export.plugins.moe_op import moe_experts_reference
-    from hidream_export.plugins.moe_triton import MoETileConfig
+    from hidream_export.moe.kernels import MoETileConfig
+    from hidream_export.moe.torch_op import moe_reference as moe_experts_reference
 
     results = {"cases": [], "tiles": []}
     g = torch.Generator().manual_seed(0)
-    for dtype, tactics in ((torch.float32, (1, 2, 3, 4)), (torch.float16, (1, 3)), (torch.bfloat16, (2, 4))):
+    for dtype, tactic_ids in ((torch.float32, (1, 2, 3, 4)), (torch.float16, (1, 3)), (torch.bfloat16, (2, 4))):
         for tokens in (T, 1):
             x = torch.randn(tokens, H, generator=g)
             sel = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(tokens)]).to(torch.int32)
@@ -166,14 +169,14 @@ def _worker_interpret() -> dict:
             down = torch.randn(E, I, H, generator=g) / I ** 0.5
             args = [t.to(dtype) for t in (x,)] + [sel] + [t.to(dtype) for t in (scores, gate, up, down)]
             ref = moe_experts_reference(*args).float()
-            for tactic in tactics:
-                out = tp.moe_experts_aot_reference(*args, tactic=tactic).float()
+            for tactic in tactic_ids:
+                out = ak.moe_aot_reference(*args, tactic=tactic).float()
                 scale = ref.abs().max().item()
                 cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
                 results["cases"].append({"dtype": str(dtype).split(".")[1], "tokens": tokens, "tactic": tactic,
                                          "rel": (out - ref).abs().max().item() / scale, "cos": cos,
                                          "shape": list(out.shape)})
-    empty = tp.moe_experts_aot_reference(torch.zeros(0, H), torch.zeros(0, K, dtype=torch.int32),
+    empty = ak.moe_aot_reference(torch.zeros(0, H), torch.zeros(0, K, dtype=torch.int32),
                                          torch.zeros(0, K), torch.zeros(E, H, I), torch.zeros(E, H, I),
                                          torch.zeros(E, I, H))
     results["empty_shape"] = list(empty.shape)
@@ -201,7 +204,7 @@ def _worker_compile() -> dict:
 
     results = []
     for dtype, tactic, target in (("BF16", 1, "sm90"), ("BF16", 2, "sm90"), ("FP32", 2, "sm90"), ("FP16", 1, "sm80")):
-        k = tp.compile_aot_kernel(dtype, K, E, tactic, target=target)
+        k = ak.compile_aot_kernel(dtype, K, E, tactic, target=target)
         entry = re.search(r"\.entry\s+" + re.escape(k.name) + r"\s*\((.*?)\)", k.ptx, flags=re.S).group(1)
         params = [p.split()[1] for p in entry.split(",") if p.strip()]
         assembled = []
@@ -448,7 +451,7 @@ def test_registered_wrappers_follow_the_documented_signatures(fake_trtp):
 
 @needs_triton
 def test_aot_wrapper_returns_kernel_launch_and_scalars(fake_trtp):
-    if type(tp._moe_rows_kernel).__name__ == "InterpretedFunction":
+    if type(ak._moe_rows_kernel).__name__ == "InterpretedFunction":
         pytest.skip("TRITON_INTERPRET=1 in this process: kernels cannot be compiled")
     tp.register_plugin(jit=False, aot=True)
     aot = fake_trtp.defs[schema.PLUGIN_ID]["aot"]
@@ -457,7 +460,7 @@ def test_aot_wrapper_returns_kernel_launch_and_scalars(fake_trtp):
         d.shape_expr = [e.value for e in d.shape_expr]
     descs[0].dtype = "bfloat16"
     name, ptx, launch, extra = aot(*descs, K, E, (), 1)
-    tile = tp.AOT_TACTICS[0].tile
+    tile = tactics.AOT_TACTICS[0].tile
     assert name == b"_moe_rows_kernel" and ptx.startswith(b"//") and b".entry _moe_rows_kernel" in ptx
     assert launch.grid_x == (64 // tile["block_m"]) * (2560 // tile["block_n"])
     assert launch.block_x == tile["num_warps"] * 32 and 0 < launch.shared_mem <= 48 * 1024
@@ -466,7 +469,7 @@ def test_aot_wrapper_returns_kernel_launch_and_scalars(fake_trtp):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_register_without_tensorrt_says_what_is_missing():
-    with pytest.raises(tp.PluginRegistrationError, match="tensorrt.plugin is not importable"):
+    with pytest.raises(errors.PluginRegistrationError, match="tensorrt.plugin is not importable"):
         tp.register_plugin()
 
 
@@ -504,7 +507,7 @@ def test_missing_plugin_error_says_which_version_who_and_how(monkeypatch):
         raise ImportError("No module named 'triton'")
 
     registry = FakeRegistry(FakeCreator("Other", "1", "hidream"), FakeCreator("GroupNorm"))
-    with pytest.raises(loader.MissingPluginError) as err:
+    with pytest.raises(errors.MissingPluginError) as err:
         loader.ensure_plugins([OURS], registry=registry, register_python=cannot_register)
     text = str(err.value)
     for needle in ("TensorRT plugin hidream::HiDreamMoE version 1 is not registered",
@@ -533,22 +536,22 @@ def test_python_plugin_is_registered_when_missing():
 def test_runtime_skips_aot_plugins_but_build_needs_them():
     aot = dict(OURS, implementation="aot")
     assert loader.ensure_plugins([aot], phase="runtime", registry=FakeRegistry()) == []
-    with pytest.raises(loader.MissingPluginError):
+    with pytest.raises(errors.MissingPluginError):
         loader.ensure_plugins([aot], phase="build", registry=FakeRegistry(), plugin_paths=[],
                               register_python=lambda: None)
 
 
 def test_foreign_and_wrong_version_plugins(monkeypatch):
     monkeypatch.delenv(loader.PLUGIN_PATH_ENV, raising=False)
-    with pytest.raises(loader.MissingPluginError, match="not a hidream-export plugin"):
+    with pytest.raises(errors.MissingPluginError, match="not a hidream-export plugin"):
         loader.ensure_plugins([{"name": "FancyNorm", "namespace": "acme"}], registry=FakeRegistry())
-    with pytest.raises(loader.MissingPluginError, match="provides version 1"):
+    with pytest.raises(errors.MissingPluginError, match="provides version 1"):
         loader.ensure_plugins([dict(OURS, version="2")], registry=FakeRegistry())
 
 
 def test_plugin_libraries_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(loader.PLUGIN_PATH_ENV, str(tmp_path / "libmissing.so"))
-    with pytest.raises(loader.MissingPluginError, match="HIDREAM_PLUGIN_PATH names .*libmissing.so"):
+    with pytest.raises(errors.MissingPluginError, match="HIDREAM_PLUGIN_PATH names .*libmissing.so"):
         loader.ensure_plugins([OURS], registry=FakeRegistry())
     libm = ctypes.util.find_library("m")
     if libm is None:
@@ -562,7 +565,7 @@ def test_plugin_libraries_from_the_environment(monkeypatch, tmp_path):
         pytest.skip("cannot locate libm's file")
     monkeypatch.setenv(loader.PLUGIN_PATH_ENV, os.pathsep.join([resolved]))
     assert loader.plugin_library_paths() == [Path(resolved)]
-    with pytest.raises(loader.MissingPluginError, match=re.escape(f"HIDREAM_PLUGIN_PATH: {resolved}")):
+    with pytest.raises(errors.MissingPluginError, match=re.escape(f"HIDREAM_PLUGIN_PATH: {resolved}")):
         loader.ensure_plugins([OURS], registry=FakeRegistry(), register_python=lambda: None)
 
 
@@ -585,20 +588,18 @@ def test_requirements_from_onnx_and_manifest():
                               opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(schema.DOMAIN, 1),
                                              helper.make_opsetid("mine", 1), helper.make_opsetid("vendor", 1)])
     reqs = loader.requirements_from_onnx(model, needed_by="m.onnx")
-    assert [(r["name"], r["namespace"], r["version"]) for r in reqs] == [("HiDreamMoE", "hidream", "1"),
-                                                                          ("Mystery", "vendor", "1")]
-    entry = {"path": "transformer/model.onnx", "plugin": {"op_type": "HiDreamMoE", "domain": "hidream",
-                                                          "namespace": "hidream", "version": "1"}}
-    (req,) = loader.requirements_from_manifest_entry(entry)
-    assert req["name"] == "HiDreamMoE" and req["needed_by"] == "transformer/model.onnx"
-    assert loader.requirements_from_manifest_entry({"plugins": [dict(OURS, implementation="aot")]})[0]["implementation"] \
-        == "aot"
+    assert [(r.name, r.namespace, r.version) for r in reqs] == [("HiDreamMoE", "hidream", "1"), ("Mystery", "vendor", "1")]
+    entry = TransformerComponent("transformer/model.onnx", {}, plugin=PluginRequirement("HiDreamMoE", "hidream", "1"))
+    (req,) = loader.requirements_of(entry)
+    assert req.name == "HiDreamMoE" and req.needed_by == "transformer/model.onnx"
+    engine = TrtEngineComponent("transformer/x.plan", {}, plugins=[PluginRequirement.from_dict(dict(OURS, implementation="aot"))])
+    assert loader.requirements_of(engine)[0].implementation == "aot"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_ensure_plugins_without_tensorrt():
     assert loader.ensure_plugins([]) == []
-    with pytest.raises(loader.TensorRTUnavailable, match="TensorRT is not installed"):
+    with pytest.raises(errors.TensorRTUnavailable, match="TensorRT is not installed"):
         loader.ensure_plugins([OURS])
 
 

@@ -53,7 +53,7 @@ def scaling(work: Path, presets: list[str], paths: list[str], lowering: str = "d
 
     from hidream_export.model import PRESETS
     from hidream_export.model.checkpoint import expected_shapes
-    from hidream_export.tiny import write_transformer
+    from hidream_export.testing.checkpoints import write_transformer
 
     print(f"## export scaling ({lowering} lowering, bf16 checkpoints and exports)\n")
     print("| preset | parameters | checkpoint | largest tensor | path | peak RSS | peak RSS / checkpoint | wall time (s) |")
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     import torch
 
     from hidream_export.compare.parity import random_feed
-    from hidream_export.tiny import write_transformer
+    from hidream_export.testing.checkpoints import write_transformer
 
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_export_"))
@@ -150,7 +150,9 @@ def main(argv=None) -> int:
     ref = diffusers.HiDreamImageTransformer2DModel(
         **{k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}).eval()
     ref.load_state_dict(ours.state_dict())
-    entry = json.loads((work / f"onnx_{args.lowerings[0]}" / "manifest.json").read_text())["components"]["transformer"]
+    from hidream_export.manifest import Manifest
+
+    entry = Manifest.read(work / f"onnx_{args.lowerings[0]}").transformer
     feed = random_feed(entry, 512, 512, 1, 0)
     targs = [torch.from_numpy(feed[n]) for n in ("hidden_states", "timesteps", "encoder_hidden_states_t5",
                                                   "encoder_hidden_states_llama3", "pooled_embeds")]

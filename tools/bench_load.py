@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from hidream_export.tiny import write_transformer
+    from hidream_export.testing.checkpoints import write_transformer
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_load_"))
     ckpt = work / f"{args.preset}_{args.dtype}"

@@ -82,14 +82,14 @@ def prepare(args) -> tuple[Path, Path, dict]:
     engines = Path(args.engines) if args.engines else work / "engines" / args.variant
     took = {}
     if not (model / "model_index.json").exists():
-        from hidream_export.tiny_pipeline import write_model_folder
+        from hidream_export.testing.model_folder import write_model_folder
 
         t0 = time.perf_counter()
         write_model_folder(model, args.variant, preset=args.preset, seed=0)
         took["write_model_folder_s"] = time.perf_counter() - t0
     if not (engines / "manifest.json").exists():
         from hidream_export.build.pipeline import build_pipeline
-        from hidream_export.tiny_pipeline import LLAMA_SUBDIR
+        from hidream_export.testing.model_folder import LLAMA_SUBDIR
 
         t0 = time.perf_counter()
         build_pipeline(model, args.variant, engines, llama=model / LLAMA_SUBDIR)
@@ -146,7 +146,7 @@ def bench_diffusers(args, model: Path, steps: int, guidance: float, lat, noise) 
     from diffusers import HiDreamImagePipeline
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from hidream_export.tiny_pipeline import LLAMA_SUBDIR
+    from hidream_export.testing.model_folder import LLAMA_SUBDIR
 
     torch.set_num_threads(args.threads or os.cpu_count())
     t0 = time.perf_counter()

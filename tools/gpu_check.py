@@ -27,17 +27,26 @@ INPUT_ORDER = ("hidden_states", "timesteps", "encoder_hidden_states_t5", "encode
 
 
 def _manifest(folder: Path) -> dict:
-    from hidream_export.manifest import read_manifest
+    """The folder's manifest as JSON (this script reads a few fields of it)."""
+    return json.loads((Path(folder) / "manifest.json").read_text())
 
-    return read_manifest(folder)
+
+def _transformer(folder: Path):
+    """The typed transformer entry (what compare.random_feed takes)."""
+    from hidream_export.manifest import Manifest
+
+    return Manifest.read(folder).transformer
 
 
 def cmd_build(args) -> int:
     from hidream_export.build.trt import build_engines
 
     t0 = time.perf_counter()
-    result = build_engines(args.folder, plugin_impl=args.plugin_impl, static_sizes=args.static_sizes,
-                           refit=args.refit if args.refit != "true" else True)
+    from hidream_export.build.plan import TrtBuildOptions
+
+    options = TrtBuildOptions(plugin_impl=args.plugin_impl, static_sizes=args.static_sizes,
+                              refit=args.refit if args.refit != "true" else True)
+    result = build_engines(args.folder, options=options)
     print(result.format())
     print(f"build took {time.perf_counter() - t0:.1f} s")
     return 0
@@ -104,7 +113,7 @@ def cmd_goldens(args) -> int:
 
         w, h = parse_size(args.size) if args.size else tuple(entry["size_range"]["opt"])
         batch = args.batch or entry["batch_multiple"]
-        feed = random_feed(entry, w, h, batch, seed=0)
+        feed = random_feed(_transformer(folder), w, h, batch, seed=0)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_transformer(args.checkpoint, dtype=torch.float32, moe_lowering="reference",
                                  rope_dtype="float64").to(device)
@@ -129,10 +138,10 @@ def cmd_goldens(args) -> int:
 
 
 def _register_plugins(folder: Path) -> None:
-    from hidream_export.plugins.loader import ensure_plugins, requirements_from_manifest_entry
+    from hidream_export.manifest import Manifest
+    from hidream_export.moe.loader import ensure_plugins, requirements_of
 
-    entry = _manifest(folder)["components"]["transformer"]
-    print(ensure_plugins(requirements_from_manifest_entry(entry), phase="build"))
+    print(ensure_plugins(requirements_of(Manifest.read(folder).components["transformer"]), phase="build"))
 
 
 def _polygraphy(argv: list[str]) -> int:
@@ -203,7 +212,7 @@ def cmd_bench(args) -> int:
     import numpy as np
     import torch
 
-    import hidream_export.plugins.moe_op  # noqa: F401  (registers the `triton` lowering)
+    import hidream_export.moe  # noqa: F401  (defines torch.ops.hidream.HiDreamMoE, which `plugin` calls)
     from hidream_export.compare.parity import random_feed
     from hidream_export.model.checkpoint import load_transformer
     from hidream_export.runtime.trt_backend import TrtBackend
@@ -213,12 +222,12 @@ def cmd_bench(args) -> int:
     entry = manifest["components"]["transformer"]
     w, h = entry["size_range"]["opt"]
     batch = entry["batch_multiple"]
-    feed = random_feed(entry, w, h, batch, seed=1)
+    feed = random_feed(_transformer(folder), w, h, batch, seed=1)
     dtype = _torch_dtype(entry["dtype"])
     inputs = [torch.from_numpy(feed[n]).cuda() for n in INPUT_ORDER]
     inputs = [t if n == "timesteps" else t.to(dtype) for n, t in zip(INPUT_ORDER, inputs)]
     rows, outs = [], {}
-    for label, lowering in (("pytorch eager bf16", "reference"), ("pytorch + triton MoE", "triton")):
+    for label, lowering in (("pytorch eager bf16", "reference"), ("pytorch + triton MoE", "plugin")):
         model = load_transformer(args.checkpoint, dtype=dtype, device="cuda", moe_lowering=lowering,
                                  rope_dtype="float32")
         with torch.no_grad():

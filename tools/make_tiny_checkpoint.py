@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hidream_export.tiny import write_transformer
+from hidream_export.testing.checkpoints import write_transformer
 from hidream_export.variants import VARIANTS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.preset == "real" else torch.float32)
     shards = args.shards if args.shards is not None else (7 if args.preset == "real" else None)
     if args.full:
-        from hidream_export.tiny_pipeline import write_model_folder
+        from hidream_export.testing.model_folder import write_model_folder
 
         try:
             out = write_model_folder(args.out_dir, args.variant or "full", args.preset, seed=args.seed,

@@ -33,32 +33,36 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
+from hidream_export.errors import ExportError
 from hidream_export.export import encoders as encoders_mod
 from hidream_export.export import tokenizers as tokenizers_mod
 from hidream_export.export import vae as vae_mod
-from hidream_export.export.transformer import DATA_NAME, DEFAULT_OPSET, ONNX_NAME, ExportError, export_transformer
-from hidream_export.manifest import file_hashes, read_manifest, sha256_file, sha256_files, write_json_atomic
-from hidream_export.variants import TEXT_LENGTH, get_variant
+from hidream_export.export.common import (DATA_NAME, DEFAULT_OPSET, EXPORTERS, ONNX_NAME, check_opset, model_source_files,
+                                          own_version)
+from hidream_export.export.transformer import check_out_dir, export_transformer
+from hidream_export.files import (atomic_write_json, file_record, folder_lock, read_json_object, remove_tree, sha256_file,
+                                  sha256_files, staged_dir, swap_dir)
+from hidream_export.manifest import (SHARED_DIR, Component, FileRecord, Manifest, SchedulerComponent, SharedRef,
+                                     component_from_dict)
+from hidream_export.signature import EXPORT_DTYPES, MAX_TEXT_BATCH, MAX_VAE_BATCH
+from hidream_export.variants import TEXT_LENGTH, Variant, get_variant
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_pipeline", "plan_shared_components", "resolve_llama", "SharedComponent", "SHARED_DIR_NAME",
+__all__ = ["build_pipeline", "plan_shared_components", "resolve_llama", "SharedComponent",
            "STORE_META", "DEFAULT_LLAMA_SUBDIR"]
 
-SHARED_DIR_NAME = ".shared"
 STORE_META = "component.json"  # inside a store entry: key, settings, file hashes, manifest fields
 STORE_FORMAT = 1
-# Where a model folder may keep its Llama (hidream_export.tiny_pipeline.LLAMA_SUBDIR writes it there).
+# Where a model folder may keep its Llama (hidream_export.testing.model_folder.LLAMA_SUBDIR writes it there).
 DEFAULT_LLAMA_SUBDIR = "llama"
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
 LINK_MODES = ("auto", "reflink", "hardlink", "copy")  # how variant folders get the shared store's files
@@ -85,11 +89,9 @@ class SharedComponent:
     def compute_key(self) -> str:
         """sha256 over the source files (names relative to their folder, and contents), the settings and the
         hidream_export version; the name of this component's folder in the shared store."""
-        from hidream_export import __version__
-
         self.source_hash = sha256_files(self.source_files, root=self.source)
         doc = {"component": self.name, "source_sha256": self.source_hash, "settings": self.settings,
-               "hidream_export": __version__}
+               "hidream_export": own_version()}
         self.key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
         return self.key
 
@@ -127,10 +129,10 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
     Raises ExportError (a ValueError) naming the missing folder, file or flag."""
     checkpoint = Path(checkpoint)
     llama_dir = resolve_llama(checkpoint, llama)
-    if encoder_dtype not in ("fp32", "fp16", "bf16"):
-        raise ExportError(f"--encoder-dtype {encoder_dtype!r} is not one of ('fp32', 'fp16', 'bf16')")
-    if exporter not in encoders_mod.EXPORTERS:
-        raise ExportError(f"--exporter {exporter!r} is not one of {encoders_mod.EXPORTERS}")
+    if encoder_dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--encoder-dtype {encoder_dtype!r} is not one of {EXPORT_DTYPES}")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter {exporter!r} is not one of {EXPORTERS}")
     onnx_files = (ONNX_NAME, DATA_NAME)
     plan: list[SharedComponent] = []
 
@@ -140,10 +142,10 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
         else:
             folder, what = _subfolder(checkpoint, spec.subfolder, spec.description), spec.description
         settings = {"recipe": encoders_mod.RECIPE_VERSION, "dtype": encoder_dtype, "opset": opset,
-                    "exporter": exporter, "text_length": TEXT_LENGTH, "max_batch": encoders_mod.MAX_TEXT_BATCH,
+                    "exporter": exporter, "text_length": TEXT_LENGTH, "max_batch": MAX_TEXT_BATCH,
                     "streaming": name in encoders_mod.STREAMING}
         plan.append(SharedComponent(
-            name, name, ONNX_NAME, onnx_files, folder, encoders_mod.model_source_files(folder, what), settings,
+            name, name, ONNX_NAME, onnx_files, folder, model_source_files(folder, what), settings,
             lambda out, n=name, f=folder: encoders_mod.export_encoder(n, f, out, dtype=encoder_dtype, opset=opset,
                                                                       exporter=exporter)))
 
@@ -151,7 +153,7 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
     plan.append(SharedComponent(
         "vae_decoder", "vae_decoder", ONNX_NAME, onnx_files, vae_dir, vae_mod.vae_source_files(vae_dir),
         {"recipe": vae_mod.RECIPE_VERSION, "opset": opset, "exporter": exporter,
-         "latent_range": [vae_mod.LATENT_MIN, vae_mod.LATENT_MAX], "max_batch": vae_mod.MAX_VAE_BATCH},
+         "latent_range": [vae_mod.LATENT_MIN, vae_mod.LATENT_MAX], "max_batch": MAX_VAE_BATCH},
         lambda out: vae_mod.export_vae_decoder(vae_dir, out, opset=opset, exporter=exporter)))
 
     for name, spec in tokenizers_mod.TOKENIZERS.items():
@@ -170,23 +172,6 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
 
 # ---- the shared store ------------------------------------------------------------------------------------
 
-def _tempdir(parent: Path, name: str) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
-
-
-def _swap_in(src: Path, dst: Path) -> None:
-    """Put the finished folder `src` at `dst`; an old `dst` is moved aside first and removed last, so `dst`
-    is always either the old or the new complete folder."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        os.replace(dst, old / "x")
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _load_store_entry(folder: Path, comp: SharedComponent) -> dict | None:
     """The store entry's metadata if it is complete and every file still matches its hash, else None."""
     try:
@@ -197,7 +182,8 @@ def _load_store_entry(folder: Path, comp: SharedComponent) -> dict | None:
         return None
     for name, info in meta["files"].items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != info["bytes"] \
+                or sha256_file(path) != info["sha256"]:
             return None
     return meta
 
@@ -213,7 +199,7 @@ def ensure_shared(comp: SharedComponent, store: Path, force: bool = False) -> tu
             log.info("%s: reusing shared export %s", comp.name, final)
             return final, meta, True
         log.warning("%s: shared export %s is incomplete or modified; exporting it again", comp.name, final)
-    tmp = _tempdir(store, comp.key[:16])
+    tmp = staged_dir(store, comp.key[:16])
     try:
         fields = comp.produce(tmp)
         produced = sorted(p.name for p in tmp.iterdir())
@@ -221,11 +207,10 @@ def ensure_shared(comp: SharedComponent, store: Path, force: bool = False) -> tu
             raise ExportError(f"{comp.name}: export wrote {produced}, expected {sorted(comp.files)}")
         meta = {"format_version": STORE_FORMAT, "component": comp.name, "key": comp.key,
                 "source_sha256": comp.source_hash, "settings": comp.settings,
-                "files": file_hashes(tmp, list(comp.files)), "fields": fields}
-        write_json_atomic(tmp / STORE_META, meta)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; engine folders are normally world-readable
+                "files": {name: file_record(tmp / name) for name in comp.files}, "fields": fields}
+        atomic_write_json(tmp / STORE_META, meta)
         if final.exists():
-            _swap_in(tmp, final)
+            swap_dir(tmp, final)
         else:
             try:
                 os.rename(tmp, final)
@@ -310,79 +295,69 @@ def _install(comp: SharedComponent, shared: Path, meta: dict, out_dir: Path, lin
         if all(os.path.samefile(dst / name, shared / name) for name in comp.files):
             return "hardlink"
         return previous if previous in ("reflink", "copy") else "copy"
-    tmp = _tempdir(dst.parent, dst.name)
+    tmp = staged_dir(dst.parent, dst.name)
     try:
         modes = {_place(shared / name, tmp / name, link, meta["files"][name]["sha256"]) for name in comp.files}
-        os.chmod(tmp, 0o755)
-        _swap_in(tmp, dst)
+        swap_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return "+".join(sorted(modes))
 
 
-def _entry(comp: SharedComponent, shared: Path, meta: dict, mode: str, checkpoint: Path, out_dir: Path) -> dict:
-    fields = dict(meta["fields"])
-    kind = fields.pop("kind")
-    return {
-        "kind": kind,
-        "path": f"{comp.folder}/{comp.main_file}",
-        "files": {f"{comp.folder}/{name}": info for name, info in meta["files"].items()},
-        **fields,
-        "source": {"checkpoint": str(checkpoint.resolve()), "folder": str(comp.source.resolve()),
-                   "checkpoint_sha256": comp.source_hash},
-        "shared": {"key": comp.key, "store": os.path.relpath(shared.parent, out_dir), "link": mode},
-    }
+def _entry(comp: SharedComponent, shared: Path, meta: dict, mode: str, checkpoint: Path, out_dir: Path) -> Component:
+    """The manifest record of a shared component placed in the variant folder (the export's own fields
+    come from the store entry)."""
+    record = component_from_dict(comp.name, {**meta["fields"], "path": f"{comp.folder}/{comp.main_file}",
+                                             "files": {f"{comp.folder}/{n}": i for n, i in meta["files"].items()}})
+    record.source = {"checkpoint": str(checkpoint.resolve()), "folder": str(comp.source.resolve()),
+                     "checkpoint_sha256": comp.source_hash}
+    record.shared = SharedRef(comp.key, os.path.relpath(shared.parent, out_dir), mode)
+    return record
 
 
 # ---- transformer and scheduler -------------------------------------------------------------------------------
 
-def _install_scheduler(checkpoint: Path, out_dir: Path) -> dict | None:
-    """Copy CHECKPOINT/scheduler/scheduler_config.json (diffusers format) into the folder, if there is one."""
-    from hidream_export import __version__
+def _read_scheduler(checkpoint: Path) -> dict | None:
+    """CHECKPOINT/scheduler/scheduler_config.json, checked before any export starts."""
+    src = checkpoint / SCHEDULER_FILE
+    return read_json_object(src, "scheduler config", ExportError) if src.exists() else None
 
+
+def _install_scheduler(checkpoint: Path, out_dir: Path, config: dict | None) -> SchedulerComponent | None:
+    """Copy CHECKPOINT/scheduler/scheduler_config.json (diffusers format) into the folder, if there is one."""
     src = checkpoint / SCHEDULER_FILE
     dst = out_dir / "scheduler"
-    if not src.is_file():
-        if dst.exists():
-            shutil.rmtree(dst)  # left from an earlier build of another checkpoint; no longer described
+    if config is None:
+        if dst.exists() or dst.is_symlink():
+            remove_tree(dst)  # left from an earlier build of another checkpoint; no longer described
         return None
-    tmp = _tempdir(out_dir, "scheduler")
+    tmp = staged_dir(out_dir, "scheduler")
     try:
-        shutil.copy2(src, tmp / src.name)
-        os.chmod(tmp, 0o755)
-        _swap_in(tmp, dst)
+        shutil.copyfile(src, tmp / src.name)
+        os.chmod(tmp / src.name, 0o666 & ~_umask())
+        swap_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    config = json.loads(src.read_text())
-    return {"kind": "scheduler", "path": SCHEDULER_FILE, "files": file_hashes(out_dir, [SCHEDULER_FILE]),
-            "class_name": config.get("_class_name"),
-            "source": {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(src)},
-            "versions": {"hidream_export": __version__}}
+    return SchedulerComponent(path=SCHEDULER_FILE, files={SCHEDULER_FILE: FileRecord.of(out_dir / SCHEDULER_FILE)},
+                              source={"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(src)},
+                              versions={"hidream_export": own_version()}, class_name=config.get("_class_name"))
 
 
-# ---- TensorRT hook -------------------------------------------------------------------------------------------
+def _umask() -> int:
+    from hidream_export.files import umask
 
-TRT_MODULE = "hidream_export.build.trt"  # the TensorRT issue adds it: build_engines(out_dir, manifest) -> manifest
-
-
-def _tensorrt_missing() -> str | None:
-    """Why TensorRT cannot be used here, or None if it imports."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA install failing at import
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    return umask()
 
 
 # ---- the build -----------------------------------------------------------------------------------------------
 
-def build_pipeline(checkpoint: str | Path, variant: str, out_dir: str | Path | None = None, *,
+def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: str | Path | None = None, *,
                    llama: str | Path | None = None, moe: str = "gather", dtype: str = "fp32",
                    encoder_dtype: str = "fp32", shared_root: str | Path | None = None, force: bool = False,
                    trt: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "auto", link: str = "auto",
-                   trt_options: dict | None = None) -> dict:
+                   trt_options=None, quiet: bool = True) -> Manifest:
     """Export everything `variant` needs from a HiDream-I1 model folder into one engine folder; return its
     manifest (also written to OUT/manifest.json).
 
@@ -393,59 +368,68 @@ def build_pipeline(checkpoint: str | Path, variant: str, out_dir: str | Path | N
     encoder_dtype  text encoders' dtype (fp32 default; the VAE is always fp32)
     shared_root    the shared store; default <out_dir.parent>/.shared
     force          re-export everything, and allow replacing a folder built for another variant/checkpoint
-    trt            also build TensorRT engines; without TensorRT one notice line, and the ONNX folder
+    trt            also build TensorRT engines (trt_options: a build.trt.TrtBuildOptions); without TensorRT
+                   one notice line, and the ONNX folder
     opset          ONNX opset of every graph
     exporter       the encoders'/VAE's exporter ("auto": dynamo, TorchScript fallback recorded in the manifest)
-    link           how variant folders get the shared files: auto (reflink, else hard link, else copy),
-                   reflink, hardlink or copy
+    link           how variant folders get the shared files: auto (reflink, else copy), reflink, hardlink or copy
+    quiet          no progress bar for the transformer's weights
     """
     v = get_variant(variant)
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise ExportError(f"{checkpoint}: no such model folder (build takes a HiDream-I1 folder in the "
                           f"diffusers layout)")
-    out_dir = Path(out_dir) if out_dir else Path("engines") / v.name
-    store = Path(shared_root) if shared_root else out_dir.parent / SHARED_DIR_NAME
+    out_dir = Path(out_dir) if out_dir else v.default_out_dir
+    store = Path(shared_root) if shared_root else out_dir.parent / SHARED_DIR
     if link not in LINK_MODES:
         raise ExportError(f"--link {link!r} is not one of {LINK_MODES}")
+    opset = check_opset(opset)
 
-    trt_missing = _tensorrt_missing() if trt else None
-    if trt_missing:
-        print(f"notice: --trt: TensorRT is not available ({trt_missing.splitlines()[0]}); building the ONNX "
-              f"folder only", file=sys.stderr)
+    trt_missing = None
+    if trt:
+        from hidream_export.moe.loader import tensorrt_unavailable_reason
+
+        trt_missing = tensorrt_unavailable_reason()
+        if trt_missing:
+            print(f"notice: --trt: TensorRT is not available ({trt_missing.splitlines()[0]}); building the ONNX "
+                  f"folder only", file=sys.stderr)
 
     # Every source is checked (and hashed) before the transformer export, which can take an hour.
     plan = plan_shared_components(checkpoint, llama, encoder_dtype=encoder_dtype, opset=opset, exporter=exporter)
+    scheduler_config = _read_scheduler(checkpoint)
+    check_out_dir(out_dir, [checkpoint, *{comp.source for comp in plan}])
     for comp in plan:
         comp.compute_key()
 
-    # export_transformer reuses an up-to-date export (same checkpoint and settings, files intact) by itself.
-    if export_transformer(checkpoint, v.name, out_dir, moe=moe, dtype=dtype, opset=opset, force=force).get("reused"):
-        log.info("transformer: %s is up to date; not exporting it again", out_dir / "transformer")
+    with folder_lock(out_dir):
+        # export_transformer reuses an up-to-date export (same checkpoint and settings, files intact) by itself.
+        result = export_transformer(checkpoint, v, out_dir, moe=moe, dtype=dtype, opset=opset, force=force,
+                                    quiet=quiet)
+        if result.reused:
+            log.info("transformer: %s is up to date; not exporting it again", out_dir / "transformer")
 
-    ready = [(comp, *ensure_shared(comp, store, force)[:2]) for comp in plan]
+        ready = [(comp, *ensure_shared(comp, store, force)[:2]) for comp in plan]
 
-    # Take the entries that are about to change out of the manifest before touching their folders.
-    manifest = read_manifest(out_dir)
-    manifest["variant"] = v.to_dict()
-    components = manifest["components"]
-    previous = {name: components.pop(name, None) for name in [c.name for c in plan] + ["scheduler"]}
-    write_json_atomic(out_dir / "manifest.json", manifest)
+        # Take the entries that are about to change out of the manifest before touching their folders.
+        manifest = Manifest.read(out_dir)
+        manifest.variant = v
+        components = manifest.components
+        previous = {name: components.pop(name, None) for name in [c.name for c in plan] + ["scheduler"]}
+        manifest.write(out_dir)
 
-    for comp, shared, meta in ready:
-        before = ((previous[comp.name] or {}).get("shared") or {}).get("link")
-        mode = _install(comp, shared, meta, out_dir, link, before)
-        components[comp.name] = _entry(comp, shared, meta, mode, checkpoint, out_dir)
-    scheduler = _install_scheduler(checkpoint, out_dir)
-    if scheduler is not None:
-        components["scheduler"] = scheduler
-    write_json_atomic(out_dir / "manifest.json", manifest)
-    log.info("wrote %s (%d components)", out_dir / "manifest.json", len(components))
+        for comp, shared, meta in ready:
+            before = previous[comp.name].shared.link if previous[comp.name] and previous[comp.name].shared else None
+            mode = _install(comp, shared, meta, out_dir, link, before)
+            components[comp.name] = _entry(comp, shared, meta, mode, checkpoint, out_dir)
+        scheduler = _install_scheduler(checkpoint, out_dir, scheduler_config)
+        if scheduler is not None:
+            components["scheduler"] = scheduler
+        manifest.write(out_dir)
+        log.info("wrote %s (%d components)", out_dir / "manifest.json", len(components))
 
-    if trt and not trt_missing:
-        if importlib.util.find_spec(TRT_MODULE) is None:
-            print("notice: --trt: this hidream-export cannot build TensorRT engines yet; built the ONNX folder "
-                  "only", file=sys.stderr)
-        else:
-            manifest = importlib.import_module(TRT_MODULE).build_engines(out_dir, manifest, **(trt_options or {})).manifest
+        if trt and not trt_missing:
+            from hidream_export.build.trt import build_engines
+
+            manifest = build_engines(out_dir, manifest, options=trt_options).manifest
     return manifest

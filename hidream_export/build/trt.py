@@ -5,15 +5,15 @@ on CPU-only machines); this module only talks to TensorRT, imports it lazily, an
 what Polygraphy already does (profiles, builder config, engine build, timing cache), as demoDiffusion's
 earlier releases did (`CreateConfig`, `Profile`, `engine_from_network`). It builds through the Python API
 rather than a `polygraphy convert` subprocess, so failures surface as exceptions with the parser's errors
-instead of a CalledProcessError (anchors §2.10).
+instead of a CalledProcessError that only says the subprocess failed.
 
 Per planned engine:
 
 * build: parse the prepared ONNX (plugin function stripped) into a strongly typed network, with the
-  HiDreamMoE plugin registered first (`plugins.loader.ensure_plugins`), build with the plan's profiles and
+  HiDreamMoE plugin registered first (`moe.loader.ensure_plugins`), build with the plan's profiles and
   flags, save atomically (temporary file, then rename);
 * weight-stripped transformer: build the STRIP_PLAN engine once into the shared store, then refit it
-  with this variant's weights through the explicit name map (`plan.refit_name_map`, stored in the
+  with this variant's weights through the explicit name map (`build.refit.refit_name_map`, stored in the
   manifest) with `trt.Refitter`, and serialize the refitted engine with its weights into the variant;
 * shared text encoders / VAE: build once into the shared store (keyed by content), hard-link (or copy)
   into each variant folder;
@@ -30,29 +30,26 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hidream_export.build.plan import (ENGINE_KIND, PLAN_VERSION, BuildPlan, EnginePlan,
-                                       make_build_plan, refit_name_map, write_prepared_onnx)
-from hidream_export.manifest import read_manifest, sha256_file, write_json_atomic
-from hidream_export.plugins.loader import TensorRTUnavailable, ensure_plugins, import_tensorrt
+from hidream_export.build.plan import BuildPlan, EnginePlan, TrtBuildOptions, make_build_plan
+from hidream_export.build.prepare import write_prepared_onnx
+from hidream_export.build.refit import refit_name_map
+from hidream_export.errors import BuildError, HiDreamExportError
+from hidream_export.files import atomic_write, file_mode
+from hidream_export.manifest import FileRecord, Manifest, OnnxComponent
+from hidream_export.moe.loader import ensure_plugins, import_tensorrt
 
-__all__ = ["BuildError", "BuildResult", "TensorRTUnavailable", "detect_target", "build_engines", "refit_engine_bytes",
-           "add_arguments", "options_from_args"]
-
-
-class BuildError(RuntimeError):
-    """An engine build, refit or link that failed; the message names the engine and the cause."""
+__all__ = ["BuildResult", "TrtBuildOptions", "detect_target", "build_engines", "refit_engine_bytes"]
 
 
 @dataclasses.dataclass
 class BuildResult:
     plan: BuildPlan
     dry_run: bool
-    manifest: dict  # the folder's manifest, with the engine entries written by this build
+    manifest: Manifest  # the folder's manifest, with the engine entries written by this build
     done: list[dict] = dataclasses.field(default_factory=list)  # {component, action, path, seconds}
 
     def to_dict(self) -> dict:
@@ -160,18 +157,6 @@ def _build_bytes(trt, engine: EnginePlan, onnx_path: Path, timing_cache: Path | 
     return bytes(data)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _link(src: Path, dst: Path) -> None:
     """Put the shared file at dst: a hard link where the file system allows, else a copy (atomically)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +165,8 @@ def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copy2(src, tmp)
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, file_mode())
     os.replace(tmp, dst)
 
 
@@ -279,31 +265,13 @@ def refit_engine_bytes(trt, stripped: bytes, onnx_path: Path, name_map: Mapping[
 # ================================================================================================
 # Orchestration
 # ================================================================================================
-def _engine_entry(plan: BuildPlan, engine: EnginePlan, folder: Path, onnx_entry: Mapping, seconds: float,
-                  extra: Mapping | None = None) -> dict:
-    path = folder / engine.output
-    entry = {
-        "kind": ENGINE_KIND,
-        "path": engine.output,
-        "files": {engine.output: {"sha256": sha256_file(path), "bytes": path.stat().st_size}},
-        "engine_for": engine.component,
-        "dtype": onnx_entry.get("dtype"),
-        "inputs": onnx_entry.get("inputs", []),
-        "outputs": onnx_entry.get("outputs", []),
-        "tensorrt_version": plan.trt_version,
-        "compute_capability": plan.compute_capability,
-        "gpu_name": plan.gpu_name,
-        "plan_version": PLAN_VERSION,
-        "store_path": engine.store_path,
-        "build_seconds": round(seconds, 2),
-        **engine.manifest_fields(),
-    }
-    if extra:
-        entry.update(extra)
-    return entry
+def _engine_entry(plan: BuildPlan, engine: EnginePlan, folder: Path, onnx_entry: OnnxComponent, seconds: float,
+                  refit: dict | None = None):
+    files = {engine.output: FileRecord.of(folder / engine.output)}
+    return engine.engine_component(plan, files, onnx_entry, seconds, refit)
 
 
-def _do_engine(trt, plan: BuildPlan, engine: EnginePlan, folder: Path, onnx_entry: Mapping) -> dict:
+def _do_engine(trt, plan: BuildPlan, engine: EnginePlan, folder: Path, onnx_entry: OnnxComponent):
     """Carry out one engine's action; return its manifest entry."""
     t0 = time.perf_counter()
     source = folder / engine.onnx_path
@@ -322,8 +290,8 @@ def _do_engine(trt, plan: BuildPlan, engine: EnginePlan, folder: Path, onnx_entr
         # time), with the values of the variant that built it: remember which weights those were.
         meta_path = store.with_name(store.name + ".json")
         if engine.action == "build" or not store.exists() or not meta_path.exists():
-            _atomic_write(store, _build_bytes(trt, engine, parse_path, cache))
-            _atomic_write(meta_path, json.dumps({"weights_sha256": engine.weights_sha256,
+            atomic_write(store, _build_bytes(trt, engine, parse_path, cache))
+            atomic_write(meta_path, json.dumps({"weights_sha256": engine.weights_sha256,
                                                  "onnx": str(source.resolve())}).encode())
         built_with = json.loads(meta_path.read_text()).get("weights_sha256")
         name_map = refit_name_map(parse_path)
@@ -335,106 +303,64 @@ def _do_engine(trt, plan: BuildPlan, engine: EnginePlan, folder: Path, onnx_entr
             data = _build_bytes(trt, own, parse_path, cache)
             extra["refit"]["fallback"] = (f"{len(info['not_refittable'])} initializers are not refittable in this engine "
                                           f"(e.g. {info['not_refittable'][:3]}); built this variant's engine directly")
-        _atomic_write(out, data)
+        atomic_write(out, data)
     elif engine.shared:
-        _atomic_write(store, _build_bytes(trt, engine, parse_path, cache))
+        atomic_write(store, _build_bytes(trt, engine, parse_path, cache))
         _link(store, out)
     else:
-        _atomic_write(out, _build_bytes(trt, engine, parse_path, cache))
+        atomic_write(out, _build_bytes(trt, engine, parse_path, cache))
         if engine.flags["refit"]:
             extra["refit"] = {"name_map": refit_name_map(parse_path), "from": engine.onnx_path}
-    return _engine_entry(plan, engine, folder, onnx_entry, time.perf_counter() - t0, extra)
+    return _engine_entry(plan, engine, folder, onnx_entry, time.perf_counter() - t0, extra.get("refit"))
 
 
-def build_engines(folder: str | Path, manifest: Mapping[str, Any] | None = None, *, dry_run: bool = False,
-                  trt_version: str | None = None,
-                  compute_capability=None, gpu_name: str | None = None, static_sizes: bool = False,
-                  refit: bool | str = True, weight_stripped: bool = True, opt_level: int = 3,
-                  workspace_gib: float | None = None, timing_cache: str | Path | None = "auto",
-                  plugin_impl: str = "jit", components: Sequence[str] | None = None,
-                  force: bool = False) -> BuildResult:
+def build_engines(folder: str | Path, manifest: Manifest | None = None, *, options: TrtBuildOptions | None = None,
+                  dry_run: bool = False) -> BuildResult:
     """Plan (and unless dry_run, build) the TensorRT engines of a variant folder; record them in its manifest.
 
     manifest: the folder's manifest if the caller has it (default: read FOLDER/manifest.json); the updated
-    one is `result.manifest`. trt_version / compute_capability / gpu_name: default this machine's. A dry run works anywhere (unknown
-    values show as "unknown"); a real build needs TensorRT and a GPU and raises TensorRTUnavailable
-    otherwise. force: rebuild every engine whatever the plan says. Other options: see make_build_plan."""
+    one is `result.manifest`. The options' trt_version / compute_capability / gpu_name default to this
+    machine's. A dry run works anywhere (unknown values show as "unknown"); a real build needs TensorRT
+    and a GPU and raises TensorRTUnavailable otherwise."""
     folder = Path(folder)
-    manifest = dict(manifest) if manifest is not None else read_manifest(folder)
-    manifest["components"] = dict(manifest.get("components") or {})
-    target = detect_target() if (trt_version is None or compute_capability is None) else {}
+    options = options or TrtBuildOptions()
+    manifest = manifest if manifest is not None else Manifest.read(folder)
+    target = detect_target() if (options.trt_version is None or options.compute_capability is None) else {}
     if not dry_run:
         trt = import_tensorrt("building TensorRT engines (hidream-export build --trt)")
-        if compute_capability is None and target.get("compute_capability") is None:
+        if options.compute_capability is None and target.get("compute_capability") is None:
             raise BuildError(f"no CUDA GPU found to build for ({target.get('reason')}); `hidream-export doctor` explains")
-    trt_version = trt_version or target.get("trt_version") or "unknown"
-    cc = compute_capability or target.get("compute_capability") or "unknown"
-    gpu_name = gpu_name or target.get("gpu_name")
-    plan = make_build_plan(manifest, folder, trt_version=trt_version, compute_capability=cc, gpu_name=gpu_name,
-                           static_sizes=static_sizes, refit=refit, weight_stripped=weight_stripped,
-                           opt_level=opt_level, workspace_gib=workspace_gib, timing_cache=timing_cache,
-                           plugin_impl=plugin_impl, components=components)
+    trt_version = options.trt_version or target.get("trt_version") or "unknown"
+    cc = options.compute_capability or target.get("compute_capability") or "unknown"
+    plan = make_build_plan(manifest, folder, options, trt_version=trt_version, compute_capability=cc,
+                           gpu_name=options.gpu_name or target.get("gpu_name"))
     if "unknown" in (trt_version, plan.compute_capability):
         plan.notes.insert(0, f"no TensorRT/GPU detected here ({target.get('reason')}); file names show 'unknown'. "
-                             "Pass trt_version/compute_capability to plan for another machine")
-    if force:
+                             "Pass --trt-version and --compute-capability to plan for another machine")
+    if options.force:
         for e in plan.engines:
             e.action, e.reasons = "build", ["forced"]
     result = BuildResult(plan=plan, dry_run=dry_run, manifest=manifest)
     if dry_run or plan.up_to_date:
         return result
 
-    ensure_plugins(plan.plugins, phase="build", aot=plugin_impl == "aot")
+    ensure_plugins(plan.plugins, phase="build", aot=options.plugin_impl == "aot")
     for engine in plan.engines:
         if engine.action == "reuse":
             continue
-        onnx_entry = manifest["components"][engine.component]
+        onnx_entry = manifest.components[engine.component]
         try:
             entry = _do_engine(trt, plan, engine, folder, onnx_entry)
-        except (BuildError, TensorRTUnavailable):
+        except HiDreamExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - name the engine in whatever TensorRT/Polygraphy raised
             raise BuildError(f"{engine.action} of the {engine.component} engine ({engine.output}) failed: "
                              f"{type(exc).__name__}: {exc}") from exc
-        previous = manifest["components"].get(engine.key, {}).get("path")
-        manifest["components"][engine.key] = entry
-        write_json_atomic(folder / "manifest.json", manifest)  # record progress engine by engine
-        if previous and previous != entry["path"]:
-            (folder / previous).unlink(missing_ok=True)  # the engine for the old GPU/TensorRT it replaced
+        previous = manifest.components.get(engine.key)
+        manifest.components[engine.key] = entry
+        manifest.write(folder)  # record progress engine by engine
+        if previous is not None and previous.path != entry.path:
+            (folder / previous.path).unlink(missing_ok=True)  # the engine for the old GPU/TensorRT it replaced
         result.done.append({"component": engine.component, "action": engine.action, "path": engine.output,
-                            "seconds": entry["build_seconds"]})
+                            "seconds": entry.extra["build_seconds"]})
     return result
-
-
-# ================================================================================================
-# CLI glue (for `hidream-export build ... --trt [--dry-run]`; the CLI owns the parser)
-# ================================================================================================
-def add_arguments(parser) -> None:
-    """The TensorRT options of `hidream-export build --trt` (add to the build subparser)."""
-    g = parser.add_argument_group("TensorRT engines (--trt)")
-    g.add_argument("--trt-version", help="plan for this TensorRT version (default: the installed one; dry runs)")
-    g.add_argument("--compute-capability", help="plan for this GPU, e.g. 9.0 or sm90 (default: this machine's)")
-    g.add_argument("--static-sizes", action="store_true",
-                   help="add static optimization profiles at the recommended sizes (CUDA graphs at runtime)")
-    g.add_argument("--refit", default="true", choices=["true", "false", "identical"],
-                   help="transformer refit mode: true (refit per variant), identical (REFIT_IDENTICAL), false")
-    g.add_argument("--no-weight-stripped", action="store_true",
-                   help="build full transformer engines per variant instead of one weight-stripped engine + refit")
-    g.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
-    g.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit (default: unlimited)")
-    g.add_argument("--timing-cache", default="auto", help="timing cache path, 'auto' (shared store) or 'none'")
-    g.add_argument("--plugin-impl", default="jit", choices=["jit", "aot"],
-                   help="HiDreamMoE plugin implementation: jit (Triton via Python, fast) or aot (PTX in the engine)")
-    g.add_argument("--engines", nargs="+", default=None, metavar="COMPONENT", help="only these components")
-    g.add_argument("--force-engines", action="store_true", help="rebuild every engine whatever the plan says")
-
-
-def options_from_args(args) -> dict:
-    """build_engines keyword arguments from parsed `add_arguments` options."""
-    refit = {"true": True, "false": False, "identical": "identical"}[args.refit]
-    return {"trt_version": args.trt_version, "compute_capability": args.compute_capability,
-            "static_sizes": args.static_sizes, "refit": refit,
-            "weight_stripped": bool(refit) and not args.no_weight_stripped, "opt_level": args.opt_level,
-            "workspace_gib": args.workspace_gib,
-            "timing_cache": None if str(args.timing_cache).lower() == "none" else args.timing_cache,
-            "plugin_impl": args.plugin_impl, "components": args.engines, "force": args.force_engines}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hidream_export.manifest import read_manifest
+from hidream_export.errors import CompareError
+from hidream_export.manifest import Manifest, TransformerComponent
 from hidream_export.variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, parse_size
 
 # Default pass criteria per export dtype. fp32: the exported graph differs from the reference only in
@@ -108,20 +109,18 @@ def default_sizes(size_range: SizeRange, max_seq: int) -> list[tuple[int, int]]:
     return out
 
 
-def random_feed(entry: dict, width: int, height: int, batch: int, seed: int) -> dict[str, np.ndarray]:
+def random_feed(entry: TransformerComponent, width: int, height: int, batch: int, seed: int) -> dict[str, np.ndarray]:
     """Random inputs matching the exported contract (shapes/dtypes from the manifest entry)."""
     rng = np.random.default_rng(seed)
-    cfg = entry["config"]
     dims = {"batch": batch, "latent_height": height // VAE_SCALE, "latent_width": width // VAE_SCALE}
     feed = {}
-    for spec in entry["inputs"]:
-        shape = [dims[d] if isinstance(d, str) else d for d in spec["shape"]]
-        if spec["name"] == "timesteps":
+    for spec in entry.inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in spec.shape]
+        if spec.name == "timesteps":
             t = rng.uniform(0, 1000, size=shape)
-            feed["timesteps"] = t.astype(np.int64) if spec["dtype"] == "int64" else t.astype(np.float32)
+            feed["timesteps"] = t.astype(np.int64) if spec.dtype == "int64" else t.astype(np.float32)
         else:
-            feed[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
-    assert cfg["in_channels"] == feed["hidden_states"].shape[1]
+            feed[spec.name] = rng.standard_normal(shape).astype(np.float32)
     return feed
 
 
@@ -141,32 +140,35 @@ def compare_onnx(checkpoint: str | Path, model_path: str | Path, *, sizes=None, 
     import onnxruntime as ort
     import torch
 
+    from hidream_export.export.common import model_errors
     from hidream_export.model.checkpoint import load_transformer
 
     model_path = Path(model_path)
-    if not model_path.exists():
-        raise FileNotFoundError(f"{model_path}: no such ONNX model")
-    manifest = read_manifest(model_path.parent.parent)
-    entry = manifest["components"].get("transformer")
-    if entry is None or (model_path.parent.parent / entry["path"]).resolve() != model_path.resolve():
-        raise ValueError(f"{model_path} is not the transformer recorded in {model_path.parent.parent / 'manifest.json'}")
-    dtype = entry["dtype"]
+    if not model_path.is_file():
+        raise CompareError(f"{model_path}: no such ONNX model")
+    folder = model_path.parent.parent
+    manifest = Manifest.read(folder)
+    entry = manifest.transformer
+    if entry is None or manifest.file_path(folder, "transformer").resolve() != model_path.resolve():
+        raise CompareError(f"{model_path} is not the transformer recorded in {folder / 'manifest.json'}")
+    dtype = entry.dtype
     tol = dict(TOLERANCES[dtype])
     for k, v in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine)):
         if v is not None:
             tol[k] = v
-    size_range = SizeRange.from_dict(entry["size_range"])
-    sizes = [parse_size(s) if isinstance(s, str) else tuple(s) for s in (sizes or default_sizes(size_range, entry["max_seq"]))]
-    batch = batch or entry["batch_multiple"]
-    lo, hi = entry["axes"]["batch"]
-    if not lo <= batch <= hi or batch % entry["batch_multiple"]:
-        raise ValueError(f"--batch {batch} is outside the exported batch range {lo}..{hi} "
-                         f"(multiples of {entry['batch_multiple']})")
+    size_range = entry.size_range
+    sizes = [parse_size(s) if isinstance(s, str) else tuple(s) for s in (sizes or default_sizes(size_range, entry.max_seq))]
+    batch = batch or entry.batch_multiple
+    lo, hi = entry.batch_range
+    if not lo <= batch <= hi or batch % entry.batch_multiple:
+        raise CompareError(f"--batch {batch} is outside the exported batch range {lo}..{hi} "
+                           f"(multiples of {entry.batch_multiple})")
     for w, h in sizes:
-        size_range.check(w, h, max_seq=entry["max_seq"])
+        size_range.check(w, h, max_seq=entry.max_seq)
 
-    reference = load_transformer(checkpoint, dtype=torch.float32, moe_lowering="reference", config=config,
-                                 rope_dtype="float64")
+    with model_errors():
+        reference = load_transformer(checkpoint, dtype=torch.float32, moe_lowering="reference", config=config,
+                                     rope_dtype="float64")
     session = ort.InferenceSession(str(model_path), providers=providers or ["CPUExecutionProvider"])
     feeds, outputs, cases = [], [], []
     for i, (w, h) in enumerate(sizes):

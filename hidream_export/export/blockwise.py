@@ -7,8 +7,8 @@ But the blocks are two kinds repeated with different weights. So:
 
 1. four parts are traced on fake tensors, each once: the prologue (embeddings, the per-block Llama
    projections, the attention context), ONE double-stream block, ONE single-stream block and the epilogue
-   (final layer, unpatchify). The math is the model's own (`HiDreamTransformer.embed`, `double_step`,
-   `single_step`, `unembed`); blocks see each other only through those tensors, so nothing is lost;
+   (final layer, unpatchify). The parts are the model's own (`HiDreamTransformer.split()`); blocks see
+   each other only through those tensors, so nothing is lost;
 2. each part's weightless graph is optimised on its own (`streaming.weightless_optimize`);
 3. model.onnx is written as a protobuf stream: each part instance (block i = the block template with
    its values prefixed and its weights renamed to block i's checkpoint keys) is serialised as a piece of
@@ -32,13 +32,9 @@ from pathlib import Path
 import onnx
 
 from hidream_export.export import streaming
-
-DOUBLE_INPUTS = ("img", "txt0", "llama", "temb", "cos", "sin", "key_scale", "bias")
-DOUBLE_OUTPUTS = ("img_out", "txt0_out")
-SINGLE_INPUTS = ("h", "llama", "temb", "cos", "sin", "key_scale", "bias")
-SINGLE_OUTPUTS = ("h_out",)
-CONTEXT = ("cos", "sin", "key_scale", "bias")
-EPILOGUE_INPUTS = ("h", "temb", "hidden_states")
+from hidream_export.export.spec import ExportSpec, dynamic_shapes, sample_inputs
+from hidream_export.model.transformer import (CONTEXT, DoubleBlockPart, Epilogue, HiDreamTransformer, Prologue,
+                                              SingleBlockPart)
 
 
 @dataclasses.dataclass
@@ -52,121 +48,57 @@ class Part:
     model: onnx.ModelProto  # header fields only (opsets, functions, ir_version); its graph is empty
 
 
-def _parts_modules(cfg, torch_lowering, max_positions):
-    """The four part modules, each holding exactly its own weights under the checkpoint's key names
-    (block templates are block 0 of their kind)."""
-    from torch import nn
-
-    from hidream_export.model import HiDreamTransformer
-    from hidream_export.model.blocks import AttentionContext
-    from hidream_export.model.transformer import double_step, single_step
-
-    full = HiDreamTransformer(cfg, moe_lowering=torch_lowering, rope_dtype="float32",
-                              rope_max_positions=max_positions).eval()
-
-    class Prologue(nn.Module):
-        # HiDreamTransformer's own methods, on a module that owns only the prologue's weights.
-        embed = HiDreamTransformer.embed
-        _attention_context = HiDreamTransformer._attention_context
-
-        def __init__(self):
-            super().__init__()
-            self.config = cfg
-            for name in ("t_embedder", "p_embedder", "x_embedder", "caption_projection", "rope"):
-                setattr(self, name, getattr(full, name))
-
-        def forward(self, hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3,
-                    pooled_embeds):
-            img, temb, txt0, llama, ctx = self.embed(hidden_states, timesteps, encoder_hidden_states_t5,
-                                                     encoder_hidden_states_llama3, pooled_embeds)
-            return (img, temb, txt0, ctx.cos, ctx.sin, ctx.key_scale, ctx.bias, *llama)
-
-    class Double(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.double_stream_blocks = nn.ModuleList(full.double_stream_blocks[:1])
-
-        def forward(self, img, txt0, llama, temb, cos, sin, key_scale, bias):
-            return double_step(self.double_stream_blocks[0], img, txt0, llama, temb,
-                               AttentionContext(cos, sin, key_scale, bias))
-
-    class Single(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.single_stream_blocks = nn.ModuleList(full.single_stream_blocks[:1])
-
-        def forward(self, h, llama, temb, cos, sin, key_scale, bias):
-            return single_step(self.single_stream_blocks[0], h, llama, temb,
-                               AttentionContext(cos, sin, key_scale, bias))
-
-    class Epilogue(nn.Module):
-        unembed = HiDreamTransformer.unembed
-
-        def __init__(self):
-            super().__init__()
-            self.config = cfg
-            self.final_layer = full.final_layer
-
-        def forward(self, h, temb, hidden_states):
-            return self.unembed(h, temb, hidden_states)
-
-    return Prologue(), Double(), Single(), Epilogue()
-
-
-def trace_parts(cfg, variant, size_range, batch, tdtype, opset, torch_lowering="gather", translation=None,
-                max_positions=None, moe_plugin_opset: int | None = None) -> list[Part]:
+def trace_parts(spec: ExportSpec) -> list[Part]:
     """Trace the prologue, one block of each kind and the epilogue on fake tensors (no weight is
     allocated) and optimise each weightless graph. Parts for an absent block kind are skipped."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.export import Dim
 
-    from hidream_export.export.transformer import INPUT_NAMES, dynamic_shapes, sample_inputs
-
+    translation = spec.translation_table()  # before tracing: it defines the op the `plugin` lowering calls
     auto = Dim.AUTO
-    model_dims = dynamic_shapes(cfg, size_range, batch)
+    model_dims = dynamic_shapes(spec)
     with FakeTensorMode():
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(tdtype)  # Module.to() cannot swap fake parameters: build in the export dtype
+        torch.set_default_dtype(spec.torch_dtype)  # Module.to() cannot swap fake parameters: build in the export dtype
         try:
-            prologue, double, single, epilogue = _parts_modules(cfg, torch_lowering, max_positions)
+            parts = HiDreamTransformer(spec.config, moe_lowering=spec.moe, rope_dtype="float32",
+                                       rope_max_positions=spec.max_positions).eval().split()
         finally:
             torch.set_default_dtype(previous)
-        args = sample_inputs(cfg, variant, size_range, batch, tdtype)
+        args = sample_inputs(spec)
         with torch.no_grad():
-            img, temb, txt0, cos, sin, key_scale, bias, *llama = prologue(*args)
+            img, temb, txt0, cos, sin, key_scale, bias, *llama = parts.prologue(*args)
             h = torch.cat([img, txt0], dim=1)
         ctx = (cos, sin, key_scale, bias)
         n_llama = len(llama)
         specs = [
-            ("prologue", prologue, args, model_dims, list(INPUT_NAMES),
-             ["img", "temb", "txt0", *CONTEXT, *(f"llama.{i}" for i in range(n_llama))]),
-            ("double", double, (img, txt0, llama[0], temb, *ctx),
+            ("prologue", parts.prologue, args, model_dims, list(Prologue.INPUTS),
+             [*Prologue.OUTPUTS, *(f"llama.{i}" for i in range(n_llama))]),
+            ("double", parts.double, (img, txt0, llama[0], temb, *ctx),
              ({0: auto, 1: auto}, {0: auto}, {0: auto}, {0: auto}, {0: auto}, {0: auto}, {0: auto}, {0: auto}),
-             list(DOUBLE_INPUTS), list(DOUBLE_OUTPUTS)),
-            ("single", single, (h, llama[0], temb, *ctx),
+             list(DoubleBlockPart.INPUTS), list(DoubleBlockPart.OUTPUTS)),
+            ("single", parts.single, (h, llama[0], temb, *ctx),
              ({0: auto, 1: auto}, {0: auto}, {0: auto}, {0: auto}, {0: auto}, {0: auto}, {0: auto}),
-             list(SINGLE_INPUTS), list(SINGLE_OUTPUTS)),
-            ("epilogue", epilogue, (h, temb, args[0]), ({0: auto, 1: auto}, {0: auto}, model_dims[0]),
-             list(EPILOGUE_INPUTS), ["sample"]),
+             list(SingleBlockPart.INPUTS), list(SingleBlockPart.OUTPUTS)),
+            ("epilogue", parts.epilogue, (h, temb, args[0]), ({0: auto, 1: auto}, {0: auto}, model_dims[0]),
+             list(Epilogue.INPUTS), list(Epilogue.OUTPUTS)),
         ]
-        present = {"double": cfg.num_layers > 0, "single": cfg.num_single_layers > 0}
-        parts = []
+        traced = []
         for name, module, part_args, dims, input_names, output_names in specs:
-            if not present.get(name, True):
+            if module is None:
                 continue
-            parts.append(_trace_part(name, module, part_args, dims, input_names, output_names, opset, translation,
-                                     moe_plugin_opset))
-    return parts
+            traced.append(_trace_part(name, module, part_args, dims, input_names, output_names, spec, translation))
+    return traced
 
 
-def _trace_part(name, module, args, dims, input_names, output_names, opset, translation, moe_plugin_opset) -> Part:
+def _trace_part(name, module, args, dims, input_names, output_names, spec: ExportSpec, translation) -> Part:
     import onnx_ir as ir
     import torch
 
     program = torch.export.export(module, tuple(args), dynamic_shapes=tuple(dims), strict=False)
-    onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, input_names=input_names,
-                                     output_names=output_names, opset_version=opset,
+    onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False, input_names=input_names,
+                                     output_names=output_names, opset_version=spec.opset,
                                      custom_translation_table=translation)
     _name_axes(onnx_program, dims)
     _check_dynamic(name, onnx_program, args, dims)
@@ -174,10 +106,10 @@ def _trace_part(name, module, args, dims, input_names, output_names, opset, tran
     del program, onnx_program
     gc.collect()
     weights = streaming.weightless_optimize(model)
-    if moe_plugin_opset is not None and name in ("double", "single"):
-        from hidream_export.export import moe_plugin
+    if spec.moe == "plugin" and name in ("double", "single"):
+        from hidream_export.moe import onnx_node
 
-        moe_plugin.attach_function(model, moe_plugin_opset)
+        onnx_node.attach_function(model, spec.opset)
     # External references so the proto serialises; the real offsets are set per instance.
     info = {s.name: (s.dtype, s.shape) for s in streaming.layout(model, weights, "placeholder")}
     proto = ir.serde.serialize_model(model)
@@ -254,7 +186,7 @@ def plan_instances(cfg, parts: list[Part]) -> list:
     for i in range(cfg.num_layers):
         inst = Instance(by_name["double"], f"double_stream_blocks.{i}",
                         {"img": img, "txt0": txt0, "llama": llama[i], "temb": temb, **ctx},
-                        ("double_stream_blocks.0.", f"double_stream_blocks.{i}."))
+                        (DoubleBlockPart.PREFIX, f"double_stream_blocks.{i}."))
         seq.append(inst)
         img, txt0 = inst.output("img_out"), inst.output("txt0_out")
     h = "join/h"
@@ -262,7 +194,7 @@ def plan_instances(cfg, parts: list[Part]) -> list:
     for j in range(cfg.num_single_layers):
         inst = Instance(by_name["single"], f"single_stream_blocks.{j}",
                         {"h": h, "llama": llama[cfg.num_layers + j], "temb": temb, **ctx},
-                        ("single_stream_blocks.0.", f"single_stream_blocks.{j}."))
+                        (SingleBlockPart.PREFIX, f"single_stream_blocks.{j}."))
         seq.append(inst)
         h = inst.output("h_out")
     seq.append(Instance(by_name["epilogue"], "epilogue", {"h": h, "temb": temb, "hidden_states": "hidden_states"},
@@ -394,11 +326,11 @@ def write_graph(parts: list[Part], seq: list, slots: list[streaming.Slot], path:
         tmp.unlink(missing_ok=True)
 
 
-def export_graph(cfg, path: Path, data_name: str, **trace_kw) -> list[streaming.Slot]:
+def export_graph(spec: ExportSpec, path: Path, data_name: str) -> list[streaming.Slot]:
     """Trace the parts, stitch them into `path` (weights as external references into `data_name`),
     and return the weights' slots in file order."""
-    parts = trace_parts(cfg, **trace_kw)
-    seq = plan_instances(cfg, parts)
+    parts = trace_parts(spec)
+    seq = plan_instances(spec.config, parts)
     slots = weight_slots(seq)
     write_graph(parts, seq, slots, path, data_name)
     return slots

@@ -1,7 +1,7 @@
 """Export HiDream-I1's four text encoders to ONNX: CLIP-L, CLIP-G, T5-XXL and Llama-3.1-8B-Instruct.
 
 Each encoder is the library's own model (transformers), loaded from its checkpoint folder and wrapped in
-a small module whose outputs are exactly what `HiDreamImagePipeline` takes from it (spec section 5), so
+a small module whose outputs are exactly what `HiDreamImagePipeline` takes from it, so
 the runtime needs no model code, only the engine folder (engines/README.md):
 
     clip_l, clip_g  input_ids (batch, 128)                  -> text_embeds (batch, projection_dim)
@@ -23,30 +23,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from hidream_export.export.transformer import (DATA_NAME, DEFAULT_OPSET, MAX_IMAGES_PER_PROMPT, ONNX_NAME,
-                                               ExportError, torch_dtype)
+from hidream_export.errors import ExportError
+from hidream_export.export.common import (DATA_NAME, DEFAULT_OPSET, EXPORTERS, ONNX_NAME, Axis, check_saved,
+                                          clear_dir, export_onnx, own_version, torch_dtype)
+from hidream_export.signature import MAX_TEXT_BATCH, tensor_dtype
 from hidream_export.variants import TEXT_LENGTH
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("auto", "dynamo", "torchscript")
-# Largest text-encoder batch the runtime feeds: [negative, positive] for each image of one prompt.
-MAX_TEXT_BATCH = 2 * MAX_IMAGES_PER_PROMPT
 # Bumped whenever a wrapper below changes what it computes, so shared exports keyed on it are redone.
 RECIPE_VERSION = 1
 # Encoders exported by streaming by default (export_encoder's `streaming`): the large ones. CLIP is small.
 STREAMING = frozenset({"t5", "llama"})
-
-# Files a transformers/diffusers model folder loads its weights from (top level only: a Meta-Llama download
-# also carries original/consolidated.*.pth, which from_pretrained never reads).
-_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "diffusion_pytorch_model*.bin",
-                    "*.bin.index.json")
-
 
 @dataclasses.dataclass(frozen=True)
 class EncoderSpec:
@@ -65,21 +56,6 @@ ENCODERS: dict[str, EncoderSpec] = {
     "t5": EncoderSpec("t5", "text_encoder_3", "T5EncoderModel", "T5 text encoder", True),
     "llama": EncoderSpec("llama", None, "LlamaModel", "Llama-3.1 text encoder", True),
 }
-
-
-def model_source_files(folder: Path, what: str = "model") -> list[Path]:
-    """The files `from_pretrained` reads from a model folder: config.json and the weights.
-
-    These (and only these) key the shared store, so a folder's tokenizer files or a stray README do not
-    force a re-export. Raises ExportError naming the folder when config or weights are missing."""
-    folder = Path(folder)
-    config = folder / "config.json"
-    if not config.is_file():
-        raise ExportError(f"{folder}: no config.json for the {what}")
-    weights = sorted({p for pattern in _WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    if not weights:
-        raise ExportError(f"{folder}: no weights for the {what} (expected *.safetensors or pytorch_model*.bin)")
-    return [config, *weights]
 
 
 # ---- wrappers: exactly the tensors the pipeline uses ------------------------------------------------
@@ -115,7 +91,7 @@ def _wrappers():
         """LlamaModel -> `torch.stack(hidden_states[1:])`, layer axis first: what the pipeline feeds the DiT.
 
         hidden_states[0] (the embeddings) is dropped; the last entry is the final-RMSNorm'd output of the last
-        layer, as transformers returns it (spec 5 and 9.13). LlamaModel rather than LlamaForCausalLM: the
+        layer, as transformers returns it. LlamaModel rather than LlamaForCausalLM: the
         LM head (0.5 B parameters) is never used."""
 
         def __init__(self, model):
@@ -180,129 +156,11 @@ def _spec(name: str) -> EncoderSpec:
         raise ExportError(f"unknown text encoder {name!r}; expected one of {sorted(ENCODERS)}") from None
 
 
-# ---- the generic ONNX writer --------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Axis:
-    """A dynamic input dimension: its name in the ONNX graph and manifest, and its [min, max]."""
-
-    name: str
-    min: int
-    max: int
-
-
-def export_onnx(module, args: tuple, out_dir: Path, *, input_names: list[str], output_names: list[str],
-                dynamic: list[dict[int, Axis]], opset: int = DEFAULT_OPSET, exporter: str = "auto") -> dict:
-    """Export `module(*args)` to out_dir/model.onnx + model.onnx.data; return how it was done.
-
-    `dynamic[i]` maps input i's dynamic axes to `Axis`es (the same Axis name on several inputs is one
-    dimension). exporter "auto" tries dynamo and falls back to the TorchScript exporter, recording why; the
-    returned dict has `exporter`, `opset` and, after a fallback, `exporter_fallback`."""
-    import torch
-
-    if exporter not in EXPORTERS:
-        raise ExportError(f"--exporter {exporter!r} is not one of {EXPORTERS}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.iterdir()):  # it is cleared between attempts: never touch files that are not ours
-        raise ExportError(f"{out_dir}: not empty; export into a fresh folder")
-    onnx_path = out_dir / ONNX_NAME
-    info: dict = {"opset": opset}
-    errors = []
-    for kind in (("dynamo", "torchscript") if exporter == "auto" else (exporter,)):
-        _clear(out_dir)
-        try:
-            with torch.no_grad():
-                if kind == "dynamo":
-                    _export_dynamo(module, args, onnx_path, input_names, output_names, dynamic, opset)
-                else:
-                    _export_torchscript(module, args, onnx_path, input_names, output_names, dynamic, opset)
-        except Exception as exc:  # noqa: BLE001 - a failing exporter is reported, then the next one tried
-            line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            errors.append(f"{kind}: {line}")
-            if kind == "dynamo" and exporter == "auto":
-                log.warning("dynamo export failed (%s); retrying with the TorchScript exporter", line)
-            continue
-        info["exporter"] = kind
-        if errors:
-            info["exporter_fallback"] = errors[0]
-        break
-    else:
-        _clear(out_dir)
-        raise ExportError(f"ONNX export failed: {'; '.join(errors)}")
-    _single_data_file(out_dir)
-    _check(onnx_path)
-    return info
-
-
-def _export_dynamo(module, args, onnx_path: Path, input_names, output_names, dynamic, opset) -> None:
-    import torch
-    from torch.export import Dim
-
-    dims: dict[str, object] = {}
-
-    def dim(axis: Axis):
-        if axis.name not in dims:
-            dims[axis.name] = Dim(axis.name, min=axis.min, max=axis.max)
-        return dims[axis.name]
-
-    shapes = tuple({i: dim(a) for i, a in spec.items()} for spec in dynamic)
-    program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, input_names=input_names,
-                                output_names=output_names, opset_version=opset, optimize=True, verbose=False)
-    program.save(str(onnx_path), external_data=True)
-
-
-def _export_torchscript(module, args, onnx_path: Path, input_names, output_names, dynamic, opset) -> None:
-    import torch
-
-    axes = {name: {i: a.name for i, a in spec.items()} for name, spec in zip(input_names, dynamic)}
-    torch.onnx.export(module, args, str(onnx_path), dynamo=False, input_names=input_names,
-                      output_names=output_names, dynamic_axes=axes, opset_version=opset, external_data=True,
-                      do_constant_folding=True)
-
-
-def _single_data_file(out_dir: Path) -> None:
-    """Leave exactly model.onnx + model.onnx.data: the TorchScript exporter keeps small models inline and
-    large ones as one file per tensor; the contract wants one data file, always."""
-    import onnx
-
-    names = sorted(p.name for p in out_dir.iterdir())
-    if names == sorted([ONNX_NAME, DATA_NAME]):
-        return
-    onnx_path = out_dir / ONNX_NAME
-    model = onnx.load(str(onnx_path), load_external_data=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".resave.", dir=out_dir.parent))
-    try:
-        onnx.save_model(model, str(scratch / ONNX_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_NAME, size_threshold=0)
-        del model
-        _clear(out_dir)
-        for p in scratch.iterdir():
-            shutil.move(str(p), out_dir / p.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if not (out_dir / DATA_NAME).exists():  # a model without weights still gets its (empty) data file
-        (out_dir / DATA_NAME).write_bytes(b"")
-
-
-def _check(onnx_path: Path) -> None:
-    """Shape inference (value_info for later tools) and the path-based checker (external data aware)."""
-    import onnx
-
-    onnx.shape_inference.infer_shapes_path(str(onnx_path), str(onnx_path))
-    onnx.checker.check_model(str(onnx_path))
-
-
-def _clear(folder: Path) -> None:
-    for p in folder.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
 # ---- encoders --------------------------------------------------------------------------------------------
 
 def encoder_io(name: str, config, dtype: str = "fp32") -> dict:
     """Inputs/outputs (named symbolic dims), axes and the model facts the manifest records for `name`."""
-    out_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    out_dtype = tensor_dtype(dtype)
     ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", TEXT_LENGTH]}
     mask = {"name": "attention_mask", "dtype": "int64", "shape": ["batch", TEXT_LENGTH]}
     if name in ("clip_l", "clip_g"):
@@ -372,7 +230,7 @@ def export_encoder(name: str, folder: str | Path, out_dir: str | Path, *, dtype:
                 raise
             line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             log.warning("streaming export of %s failed (%s); retrying with the plain path", name, line)
-            _clear(Path(out_dir))
+            clear_dir(Path(out_dir))
             fallback, info = f"streaming: {line}", None
     if info is None:
         model, config = load_encoder(name, folder, dtype)
@@ -394,7 +252,7 @@ def export_encoder(name: str, folder: str | Path, out_dir: str | Path, *, dtype:
         **io,
         "model_class": _spec(name).model_class,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "transformers": transformers.__version__,
-                     "hidream_export": _own_version()},
+                     "hidream_export": own_version()},
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -471,7 +329,7 @@ def trace_encoder_weightless(name: str, folder: str | Path, dtype: str = "fp32",
             program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args), strict=False)
     io = encoder_io(name, config, dtype)
     with torch.no_grad():  # the decompositions fail on T5's attention reshape with grad mode on
-        onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, opset_version=opset,
+        onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False, opset_version=opset,
                                          input_names=[i["name"] for i in io["inputs"]],
                                          output_names=[o["name"] for o in io["outputs"]])
     return onnx_program, config, module
@@ -573,11 +431,5 @@ def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, ops
     journal.unlink(missing_ok=True)
     if not data_path.exists():
         data_path.write_bytes(b"")
-    _check(onnx_path)
+    check_saved(onnx_path)
     return config, {"exporter": "dynamo", "opset": opset, "streaming": True, "initializer_map": mapping}
-
-
-def _own_version() -> str:
-    from hidream_export import __version__
-
-    return __version__

@@ -39,6 +39,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from hidream_export.files import atomic_open
+
 ALIGN = 64  # byte alignment of every tensor in the data file (mmap/DMA friendly)
 JOURNAL = "progress.json"
 
@@ -173,22 +175,43 @@ def stream_weights(data_path: Path, slots: list[Slot], fetch: Callable[[str], "o
                 if (i + 1) % 32 == 0 or i + 1 == len(slots):
                     fh.flush()
                     os.fsync(fh.fileno())
-                    _write_journal(journal, {**(journal_base or {}), "done": i + 1, "total": len(slots)})
+                    write_journal(journal, {**(journal_base or {}), "done": i + 1, "total": len(slots)})
     finally:
         progress.close()
 
 
-def _write_journal(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+def write_journal(path: Path, data: dict) -> None:
+    """Record progress durably (written, fsynced, renamed): the journal never gets ahead of the data."""
+    with atomic_open(path, "w") as fh:
+        fh.write(json.dumps(data))
 
 
 def read_journal(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
         return {"done": 0}
+    return data if isinstance(data, dict) else {"done": 0}
+
+
+def resume_point(onnx_path: Path, data_path: Path, journal: Path, key: str) -> tuple[list[Slot] | None, int]:
+    """(slots, first tensor to write) for a partial export with the same settings `key` whose files check
+    out (the journal's graph loads, has the journal's tensor count, and the data file is there), else
+    (None, 0): the export starts over. Nothing is trusted that was not recorded after it was durable."""
+    state = read_journal(journal)
+    if state.get("key") != key or not state.get("graph_done") or not onnx_path.is_file():
+        return None, 0
+    try:
+        slots = slots_from_saved(onnx_path)
+        done = int(state.get("done", 0))
+        total = int(state.get("total", -1))
+    except Exception:  # noqa: BLE001 - a damaged graph or journal: start over
+        return None, 0
+    if len(slots) != total or not 0 <= done <= total:
+        return None, 0
+    if done and (not data_path.is_file() or data_path.stat().st_size != data_size(slots)):
+        return None, 0
+    return slots, done
 
 
 def save_graph(model: ir.Model, path: Path) -> None:

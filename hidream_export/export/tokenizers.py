@@ -22,8 +22,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hidream_export.errors import ExportError
+from hidream_export.export.common import own_version
 from hidream_export.export.encoders import ENCODERS
-from hidream_export.export.transformer import ExportError
 from hidream_export.variants import TEXT_LENGTH
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -150,7 +151,7 @@ def convert_tokenizer(name: str, folder: str | Path, out_dir: str | Path) -> dic
         "source_class": type(tok).__name__,
         "vocab_size": raw.get_vocab_size(with_added_tokens=True),
         "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-                     "hidream_export": _own_version()},
+                     "hidream_export": own_version()},
     }
 
 
@@ -183,9 +184,3 @@ def _spec(name: str) -> TokenizerSpec:
         return TOKENIZERS[name]
     except KeyError:
         raise ExportError(f"unknown tokenizer {name!r}; expected one of {sorted(TOKENIZERS)}") from None
-
-
-def _own_version() -> str:
-    from hidream_export import __version__
-
-    return __version__

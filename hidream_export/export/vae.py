@@ -1,6 +1,6 @@
 """Export the VAE decoder (diffusers' AutoencoderKL, the FLUX VAE) to ONNX: sampler latent -> image in [0, 1].
 
-The graph does the pipeline's whole decode step (spec section 6.6), so the runtime hands it the sampler's
+The graph does the pipeline's whole decode step, so the runtime hands it the sampler's
 raw latent and gets pixels back, with no VAE constants of its own to get wrong:
 
     image = (vae.decode(latent / scaling_factor + shift_factor) * 0.5 + 0.5).clamp(0, 1)
@@ -16,14 +16,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from hidream_export.export.encoders import Axis, export_onnx, model_source_files
-from hidream_export.export.transformer import DEFAULT_OPSET, MAX_IMAGES_PER_PROMPT, ExportError
+from hidream_export.errors import ExportError
+from hidream_export.export.common import DEFAULT_OPSET, Axis, export_onnx, model_source_files, own_version
+from hidream_export.signature import MAX_VAE_BATCH
 from hidream_export.variants import VAE_SCALE
 
 # Latent sizes the decoder graph accepts: 64..2048 px, wider than any variant's range (512..1360 px for the
 # real model, smaller for tiny test models), so the one shared export serves all of them.
 LATENT_MIN, LATENT_MAX = 8, 256
-MAX_VAE_BATCH = MAX_IMAGES_PER_PROMPT  # the runtime decodes the images of one prompt (no CFG pair)
 RECIPE_VERSION = 1  # bumped whenever DecodeToImage changes what it computes
 
 __all__ = ["export_vae_decoder", "load_vae_decoder", "vae_source_files", "LATENT_MIN", "LATENT_MAX"]
@@ -114,12 +114,6 @@ def export_vae_decoder(folder: str | Path, out_dir: str | Path, *, opset: int = 
         "vae_scale": VAE_SCALE,
         "latent_channels": cfg.latent_channels,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "diffusers": diffusers.__version__,
-                     "hidream_export": _own_version()},
+                     "hidream_export": own_version()},
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
-
-
-def _own_version() -> str:
-    from hidream_export import __version__
-
-    return __version__

@@ -5,7 +5,7 @@ protocol:
 
     backend = get_backend("ort", providers=["CPUExecutionProvider"], threads=2)
     key = backend.component_key(manifest, "transformer")   # which manifest entry this backend runs
-    session = backend.load(folder, manifest["components"][key])
+    session = backend.load(manifest.file_path(folder, key), manifest.components[key])
     outputs = session.run({"hidden_states": x, ...})      # -> {"sample": array}
 
 ``"ort"`` (onnxruntime, any execution provider) lives here. ``"trt"`` is provided by
@@ -25,6 +25,9 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
+from hidream_export.errors import BackendUnavailable, ManifestError, RequestError
+from hidream_export.manifest import Component, Manifest, OnnxComponent
+
 __all__ = [
     "Backend",
     "BackendUnavailable",
@@ -35,10 +38,6 @@ __all__ = [
     "get_backend",
     "register_backend",
 ]
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend that cannot run here (its library is not installed, or no device for it)."""
 
 
 @runtime_checkable
@@ -61,7 +60,7 @@ class Backend(abc.ABC):
     name: str = ""
     thread_safe: bool = True
 
-    def component_key(self, manifest: Mapping[str, Any], name: str) -> str:
+    def component_key(self, manifest: Manifest, name: str) -> str:
         """The manifest component that implements logical component ``name`` for this backend.
 
         ONNX backends run the ONNX component of that name. A backend with its own artefacts (the
@@ -71,8 +70,9 @@ class Backend(abc.ABC):
         return name
 
     @abc.abstractmethod
-    def load(self, folder: str | Path, entry: Mapping[str, Any]) -> Session:
-        """A session for one manifest component (`entry`) of the engine folder `folder`."""
+    def load(self, path: Path, entry: Component) -> Session:
+        """A session for one manifest component: `entry`, whose file is `path` (resolved and confined to
+        its folder by `Manifest.file_path`)."""
 
     def describe(self) -> str:
         """One line for reports: which backend, with which settings."""
@@ -134,8 +134,8 @@ class OrtSession:
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_types]
         if missing or extra:
-            raise ValueError(f"{self.path}: inputs {self.input_names} expected; missing {missing}, "
-                             f"unexpected {extra}")
+            raise ManifestError(f"{self.path}: inputs {self.input_names} expected; missing {missing}, "
+                                f"unexpected {extra}")
 
     def _feed(self, name: str, value: Any) -> np.ndarray:
         kind = _ORT_TYPES.get(self.input_types[name])
@@ -212,7 +212,7 @@ class OrtBackend(Backend):
                 raise BackendUnavailable(f"onnxruntime {ort.__version__} here has no {unknown}; "
                                          f"available providers: {available}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-            raise ValueError(f"threads must be a non-negative integer (0: onnxruntime's default), got {threads!r}")
+            raise RequestError(f"--threads must be a non-negative integer (0: onnxruntime's default), got {threads!r}")
         self.providers = providers
         self.threads = threads
         self.log_severity = log_severity
@@ -230,14 +230,16 @@ class OrtBackend(Backend):
             opts.intra_op_num_threads = self.threads
         return opts
 
-    def load(self, folder: str | Path, entry: Mapping[str, Any]) -> OrtSession:
-        if entry.get("kind", "onnx") != "onnx":
-            raise ValueError(f"the ort backend runs ONNX components, not kind {entry.get('kind')!r} "
-                             f"({entry.get('path')})")
-        path = Path(folder) / entry["path"]
+    def load(self, path: Path, entry: Component) -> OrtSession:
+        if not isinstance(entry, OnnxComponent):
+            raise ManifestError(f"the ort backend runs ONNX components, not kind {entry.kind!r} ({path})")
         # From the path (not bytes), so onnxruntime finds the external weights next to the model.
-        session = self._ort.InferenceSession(str(path), sess_options=self.session_options(),
-                                             providers=self.providers)
+        try:
+            session = self._ort.InferenceSession(str(path), sess_options=self.session_options(),
+                                                 providers=self.providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidProtobuf/Fail/... on a damaged graph
+            raise ManifestError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:300]})") from None
         return OrtSession(session, path)
 
 
@@ -290,7 +292,7 @@ def get_backend(name: str | Backend = "ort", **options: Any) -> Backend:
             raise ValueError("pass backend options when naming a backend, not with a Backend instance")
         return name
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; expected one of {available_backends()}")
+        raise RequestError(f"--backend {name!r} is not one of {available_backends()}")
     factory = _resolve(name)
     try:
         return factory(**{k: v for k, v in options.items() if v is not None})

@@ -1,8 +1,8 @@
 """The torch-free HiDream-I1 text-to-image pipeline, running an engine folder (engines/README.md).
 
-Same flow as diffusers' ``HiDreamImagePipeline`` (spec section 6), in numpy:
+Same flow as diffusers' ``HiDreamImagePipeline``, in numpy:
 
-1. size: HiDream's ~1 MP rule, then checks against what the transformer was exported for;
+1. size: HiDream's area rule, then checks against what the transformer was exported for;
 2. encode the prompt (and, for CFG, the negative prompt) with CLIP-L, CLIP-G, T5 and Llama;
 3. draw the initial latents from one seeded generator;
 4. for each timestep: velocity = -transformer(...) (CFG: ``uncond + g * (cond - uncond)``), then the
@@ -18,22 +18,21 @@ more precision in the scheduler, the models run in their own dtype either way).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import secrets
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..manifest import ManifestError, read_manifest, verify_component
-from ..variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, Variant, default_size, get_variant
+from ..errors import ManifestError, RequestError
+from ..files import read_json_object
+from ..manifest import Manifest, TokenizerComponent, TransformerComponent
+from ..variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, Variant, default_size
 from .backends import Backend, Session, get_backend
 from .report import Timings
 from .schedulers import FLAVOURS, make_scheduler
@@ -53,37 +52,35 @@ class TransformerInfo:
     max_seq: int  # image tokens a non-square input is padded to; larger non-square sizes cannot run
     patch_px: int  # pixels per image token side (patch_size latent cells * VAE_SCALE)
     in_channels: int
-    default_side: int  # side of the default square image; its area is the ~1 MP rule's target
+    default_side: int  # side of the default square image; its area is the size rule's target
     batch_range: tuple[int, int]
     batch_multiple: int
     timestep_dtype: np.dtype
 
     @classmethod
-    def from_entry(cls, entry: Mapping[str, Any], variant_range: Mapping[str, Any] | None = None) -> "TransformerInfo":
-        config = entry.get("config") or {}
-        range_dict = entry.get("size_range") or variant_range
-        if not range_dict:
+    def from_component(cls, entry: TransformerComponent, engine=None) -> "TransformerInfo":
+        """From the transformer's manifest entry; a TensorRT engine's entry (built for a narrower profile)
+        overrides its inputs."""
+        if entry.size_range is None:
             raise ManifestError("the transformer's manifest entry records no size_range")
-        size_range = SizeRange.from_dict(range_dict)
+        config = entry.config or {}
         patch = int(config.get("patch_size", 2))
         max_resolution = config.get("max_resolution")
         # The reference pipelines target default_sample_size * 8 = 1024 px, the real transformer's
         # max_resolution (128 latent cells) * 8. Smaller test models scale it like their size range.
-        if max_resolution:
-            default_side = int(max(max_resolution)) * VAE_SCALE
-        else:
-            default_side = max(size_range.opt)
-        max_seq = entry.get("max_seq")
+        default_side = int(max(max_resolution)) * VAE_SCALE if max_resolution else max(entry.size_range.opt)
+        max_seq = entry.max_seq
         if max_seq is None:
             max_seq = (math.prod(max_resolution) // patch ** 2) if max_resolution else 4096
-        inputs = {i["name"]: i for i in entry.get("inputs", [])}
-        shape = inputs.get("hidden_states", {}).get("shape", [])
+        inputs = {i.name: i for i in (engine.inputs if engine is not None and engine.inputs else entry.inputs)}
+        hidden = inputs.get("hidden_states")
+        shape = hidden.shape if hidden is not None else ()
         in_channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else int(config.get("in_channels", 16))
-        t_dtype = _np_dtype(inputs.get("timesteps", {}).get("dtype", "float32"))
-        batch = (entry.get("axes") or {}).get("batch", [1, 2 ** 31 - 1])
-        return cls(size_range=size_range, max_seq=int(max_seq), patch_px=patch * VAE_SCALE, in_channels=in_channels,
-                   default_side=default_side, batch_range=(int(batch[0]), int(batch[1])),
-                   batch_multiple=int(entry.get("batch_multiple", 1)), timestep_dtype=t_dtype)
+        t = inputs.get("timesteps")
+        t_dtype = _np_dtype(t.dtype if t is not None else "float32")
+        return cls(size_range=entry.size_range, max_seq=int(max_seq), patch_px=patch * VAE_SCALE,
+                   in_channels=in_channels, default_side=default_side, batch_range=entry.batch_range,
+                   batch_multiple=int(entry.batch_multiple), timestep_dtype=t_dtype)
 
     def feed_batch(self, rows: int) -> int:
         """The batch to run ``rows`` images' rows as: at least the exported minimum, in multiples of
@@ -131,12 +128,12 @@ class Pipeline:
     numpy generator are per call and must not be shared while a call is running.
     """
 
-    def __init__(self, folder: Path, manifest: dict, variant: Variant, transformer_info: TransformerInfo,
+    def __init__(self, folder: Path, manifest: Manifest, variant: Variant, transformer_info: TransformerInfo,
                  sessions: Mapping[str, Session], text_encoders: TextEncoders, backend: Backend,
                  scheduler_config: Mapping[str, Any] | None, scheduler_flavour: str = "diffusers",
                  progress: bool | None = None, load_timings: Timings | None = None):
         if scheduler_flavour not in FLAVOURS:
-            raise ValueError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
+            raise RequestError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
         self.folder = folder
         self.manifest = manifest
         self.variant = variant
@@ -166,12 +163,12 @@ class Pipeline:
         (default, what the HF folders configure) or "official" (the HiDream-I1 repository's).
         """
         if scheduler_flavour not in FLAVOURS:
-            raise ValueError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
+            raise RequestError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
         timings = Timings()
         start = time.perf_counter()
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        components = manifest.get("components") or {}
+        manifest = Manifest.read(folder)
+        components = manifest.components
         backend = get_backend(backend, providers=providers, threads=threads)
 
         keys = {name: backend.component_key(manifest, name) for name in MODEL_COMPONENTS}
@@ -179,32 +176,29 @@ class Pipeline:
         if "scheduler" in components:
             needed.append("scheduler")
         with timings.measure("verify"):
-            _verify(folder, manifest, needed, full=verify)
+            manifest.verify(folder, needed, check_hashes=verify)
 
-        variant = _variant_from_manifest(manifest)
-        # Shapes and ranges come from the ONNX transformer's entry; a backend's own entry (a TensorRT
-        # engine built for a narrower profile) overrides what it records.
-        t_entry = {**components.get("transformer", {}), **components[keys["transformer"]]}
-        info = TransformerInfo.from_entry(t_entry, (manifest.get("variant") or {}).get("size_range"))
-        variant = dataclasses.replace(variant, size_range=info.size_range)
+        transformer = manifest.component("transformer", TransformerComponent, folder)
+        engine = components[keys["transformer"]] if keys["transformer"] != "transformer" else None
+        info = TransformerInfo.from_component(transformer, engine)
 
         with timings.measure("tokenizers"):
-            tokenizers = {n: PromptTokenizer.from_entry(folder, n, components[f"tokenizer_{n}"]) for n in ENCODERS}
+            tokenizers = {n: PromptTokenizer.from_component(manifest.file_path(folder, f"tokenizer_{n}"), n,
+                                                            manifest.component(f"tokenizer_{n}", TokenizerComponent))
+                          for n in ENCODERS}
         sessions = {}
         for name, key in keys.items():
             with timings.measure(f"load_{name}"):
-                sessions[name] = backend.load(folder, components[key])
-        fixed = {n: _fixed_batch(components[keys[n]]) for n in ENCODERS}
+                sessions[name] = backend.load(manifest.file_path(folder, key), components[key])
+        fixed = {n: components[keys[n]].fixed_batch if hasattr(components[keys[n]], "fixed_batch") else None
+                 for n in ENCODERS}
         text_encoders = TextEncoders(tokenizers, {n: sessions[n] for n in ENCODERS}, fixed)
 
         scheduler_config = None
         if "scheduler" in components:
-            path = folder / components["scheduler"]["path"]
-            try:
-                scheduler_config = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ManifestError(f"{path}: unreadable scheduler config ({exc})") from None
+            scheduler_config = read_json_object(manifest.file_path(folder, "scheduler"), "scheduler config")
         timings.add("load", time.perf_counter() - start)
+        variant = manifest.variant
         return cls(folder, manifest, variant, info, sessions, text_encoders, backend, scheduler_config,
                    scheduler_flavour, progress, timings)
 
@@ -221,11 +215,11 @@ class Pipeline:
 
     def resolve_size(self, width: int | None = None, height: int | None = None, any_size: bool = False
                      ) -> tuple[int, int]:
-        """The (width, height) a request runs at, or ValueError/TypeError saying why it cannot.
+        """The (width, height) a request runs at, or RequestError saying why it cannot.
 
         Default: HiDream's rule, which rescales any request (or the default square) to the model's
         ~1 MP area in multiples of 16, keeping the aspect ratio; both reference pipelines do this
-        whatever size is asked for (spec quirk 3). ``any_size=True`` opts out: the size is used as
+        whatever size is asked for. ``any_size=True`` opts out: the size is used as
         given. Either way the result must lie in the exported range, be a multiple of 16 and, when
         not square, fit the transformer's max_seq image tokens (non-square inputs are padded to it).
         """
@@ -233,9 +227,9 @@ class Pipeline:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an integer number of pixels, got {type(value).__name__} {value!r}")
+                raise RequestError(f"{name} must be an integer number of pixels, got {type(value).__name__} {value!r}")
             if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+                raise RequestError(f"{name} must be positive, got {value}")
         info = self.transformer_info
         side = info.default_side
         if any_size:
@@ -249,7 +243,7 @@ class Pipeline:
         info = self.transformer_info
         for name, value in (("width", width), ("height", height)):
             if value % SIZE_MULTIPLE:
-                raise ValueError(f"{name}={value} is not a multiple of {SIZE_MULTIPLE} px; allowed sizes: "
+                raise RequestError(f"{name}={value} is not a multiple of {SIZE_MULTIPLE} px; allowed sizes: "
                                  f"{info.size_range.describe()}")
         info.size_range.check(width, height, max_seq=info.max_seq, patch_px=info.patch_px)
 
@@ -317,7 +311,7 @@ class Pipeline:
                 }
                 with timings.measure("transformer"):
                     out = transformer.run(feeds)
-                # The model predicts -velocity (spec 6.5); the schedulers take the velocity. Rows past
+                # The model predicts -velocity; the schedulers take the velocity. Rows past
                 # `rows` are batch padding.
                 v = -_output(out, "sample")[:rows].astype(np.float32, copy=False)
                 if cfg:
@@ -356,27 +350,27 @@ class Pipeline:
                        callback, latents, noise) -> dict[str, Any]:
         """Every argument, checked before anything runs; returns the resolved request."""
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            raise RequestError(f"prompt must be a str, got {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
+            raise RequestError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+            raise RequestError(f"steps must be an integer >= 1, got {steps!r}")
         if guidance_scale is None:
             guidance_scale = self.variant.guidance_scale
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+            raise RequestError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         cfg = guidance_scale > 1.0
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+            raise RequestError(f"seed must be a non-negative integer or None, got {seed!r}")
         if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+            raise RequestError(f"callback must be callable, got {type(callback).__name__}")
         w, h = self.resolve_size(width, height, any_size)
 
         info = self.transformer_info
         rows = 2 if cfg else 1
         if info.feed_batch(rows) > info.batch_range[1]:
-            raise ValueError(f"this transformer runs batches of {info.batch_range[0]}..{info.batch_range[1]}; "
+            raise RequestError(f"this transformer runs batches of {info.batch_range[0]}..{info.batch_range[1]}; "
                              f"{'CFG' if cfg else 'one image'} needs {info.feed_batch(rows)}")
         scheduler = self.make_scheduler(None if steps is None else int(steps))
 
@@ -384,18 +378,18 @@ class Pipeline:
         if latents is not None:
             arr = np.asarray(latents)
             if arr.shape != shape or arr.dtype.kind != "f":
-                raise ValueError(f"latents must be a float array of shape {shape} for {w}x{h}, got "
+                raise RequestError(f"latents must be a float array of shape {shape} for {w}x{h}, got "
                                  f"{arr.dtype} {arr.shape}")
         if noise is not None:
             if not scheduler.needs_noise:
-                raise ValueError(f"the {self.variant.name} scheduler ({type(scheduler).__name__}) is deterministic; "
+                raise RequestError(f"the {self.variant.name} scheduler ({type(scheduler).__name__}) is deterministic; "
                                  f"it takes no noise")
             if len(noise) != scheduler.num_steps:
-                raise ValueError(f"noise must hold one array per step ({scheduler.num_steps}), got {len(noise)}")
+                raise RequestError(f"noise must hold one array per step ({scheduler.num_steps}), got {len(noise)}")
             want = scheduler.noise_shape(shape)
             for i, n in enumerate(noise):
                 if n is not None and (np.shape(n) != want or np.asarray(n).dtype.kind != "f"):
-                    raise ValueError(f"noise[{i}] must be a float array of shape {want}, got "
+                    raise RequestError(f"noise[{i}] must be a float array of shape {want}, got "
                                      f"{np.asarray(n).dtype} {np.shape(n)}")
         if seed is None and (latents is None or (scheduler.needs_noise and noise is None)):
             seed = secrets.randbits(63)  # reported in the result, so the image can be made again
@@ -424,30 +418,6 @@ class _NoBar:
 
 # --- helpers ------------------------------------------------------------------------------------------
 
-def _verify(folder: Path, manifest: dict, names: Sequence[str], full: bool) -> None:
-    """Check the components' files (existence, size and, with ``full``, SHA-256), hashing components
-    in parallel (hashlib releases the GIL); the first failure in ``names`` order is raised."""
-    def check(name: str) -> None:
-        verify_component(folder, manifest, name, check_hashes=full)
-
-    unique = list(dict.fromkeys(names))
-    with ThreadPoolExecutor(max_workers=min(8, len(unique))) as pool:
-        list(pool.map(check, unique))
-
-
-def _variant_from_manifest(manifest: Mapping[str, Any]) -> Variant:
-    """The sampling recipe the folder records (manifest "variant"), on top of the named variant's."""
-    data = manifest.get("variant") or {}
-    name = data.get("name")
-    try:
-        base = get_variant(name)
-    except ValueError as exc:
-        raise ManifestError(f"manifest variant: {exc}") from None
-    fields = {k: data.get(k, getattr(base, k)) for k in
-              ("steps", "guidance_scale", "shift", "scheduler", "diffusers_scheduler", "timestep_dtype")}
-    return Variant(name=name, size_range=base.size_range, **fields)
-
-
 # Short names some manifest entries use for dtypes ("dtype": "fp32" at the component level).
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 
@@ -458,13 +428,6 @@ def _np_dtype(name: str) -> np.dtype:
         return np.dtype(name)
     except TypeError:
         raise ManifestError(f"unknown dtype {name!r} in the transformer's manifest entry") from None
-
-
-def _fixed_batch(entry: Mapping[str, Any]) -> int | None:
-    """The static batch an encoder was exported with (an int first dim), or None when it is symbolic."""
-    inputs = entry.get("inputs") or []
-    shape = inputs[0].get("shape", []) if inputs else []
-    return shape[0] if shape and isinstance(shape[0], int) else None
 
 
 def _pad_rows(array: np.ndarray, axis: int, batch: int) -> np.ndarray:
@@ -482,7 +445,7 @@ def _output(outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
         return np.asarray(outputs[name])
     if len(outputs) == 1:
         return np.asarray(next(iter(outputs.values())))
-    raise ValueError(f"expected an output {name!r}, got {sorted(outputs)}")
+    raise ManifestError(f"expected an output {name!r}, got {sorted(outputs)}")
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

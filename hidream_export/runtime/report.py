@@ -9,13 +9,13 @@ a rounding error next to the transformer; the benchmark tracks it.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
+from hidream_export.files import atomic_write_json
 
 __all__ = ["Timings", "markdown_table", "write_json"]
 
@@ -126,16 +126,5 @@ def _is_number(text: str) -> bool:
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``data`` as indented JSON, atomically and with normal permissions (hidream_export.files)."""
+    return atomic_write_json(path, dict(data))

@@ -1,15 +1,15 @@
 """The samplers' schedulers in pure numpy: flow UniPC (Full) and flash flow-match Euler (Dev, Fast).
 
 The runtime must run without torch, so this module re-implements the two schedulers HiDream-I1 ships
-with, in numpy only (it must never import torch or diffusers, even indirectly). Spec sections 7.1/7.2
-give the math; each scheduler has two flavours:
+with, in numpy only (it must never import torch or diffusers, even indirectly). Each scheduler has two
+flavours:
 
 - ``"diffusers"`` (default): what the HF model folders' ``scheduler_config.json`` runs in diffusers,
   ``UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")`` for Full and
   ``FlowMatchLCMScheduler`` for Dev/Fast. The HiDream team calls these the intended configs.
 - ``"official"``: the HiDream-I1 repository's ``FlowUniPCMultistepScheduler`` (shift applied twice:
-  ``shift`` and then ``exp(mu)``, spec quirk 7) and ``FlashFlowMatchEulerDiscreteScheduler`` (its last
-  step returns the input sample unchanged, spec quirk 6).
+  ``shift`` and then ``exp(mu)``) and ``FlashFlowMatchEulerDiscreteScheduler`` (its last step returns
+  the input sample unchanged).
 
 Common interface (both classes)::
 
@@ -198,7 +198,7 @@ class _FlowScheduler(abc.ABC):
 
 
 class FlashFlowEulerScheduler(_FlowScheduler):
-    """Dev/Fast: stochastic flash flow-match Euler (LCM-style), spec 7.1.
+    """Dev/Fast: stochastic flash flow-match Euler (LCM-style).
 
     Each step predicts x0 = x - sigma_i * v and re-noises it to the next level with fresh noise:
     x <- (1 - sigma_{i+1}) * x0 + sigma_{i+1} * noise. The caller supplies ``noise`` (standard normal,
@@ -223,7 +223,7 @@ class FlashFlowEulerScheduler(_FlowScheduler):
         super().__init__(shift, flavour, num_train_timesteps)
         # Endpoints of the shifted float32 training table (t = 1..T)/T: sigma_max = S(1) = 1 and
         # sigma_min = S(1/T). set_timesteps shifts a linspace of these *already shifted* values again:
-        # the double-shift quirk both references share (spec 7.1).
+        # a double shift that both reference implementations have.
         ntt = np.float32(self.num_train_timesteps)
         self.sigma_max = _shift_f32(ntt / ntt, self.shift)
         self.sigma_min = _shift_f32(np.float32(1) / ntt, self.shift)
@@ -271,7 +271,7 @@ class FlashFlowEulerScheduler(_FlowScheduler):
 
 class FlowUniPCScheduler(_FlowScheduler):
     """Full: flow-matching UniPC multistep (bh2, solver order 2, x0 prediction, UniC corrector,
-    lower order at the first and the last step), spec 7.2.
+    lower order at the first and the last step).
 
     With alpha = 1 - sigma and lambda = ln(alpha / sigma), each step converts the velocity to an x0
     prediction m_i = x_i - sigma_i * v_i, first corrects x_i with UniC (from x_{i-1}, m_{i-1}, m_{i-2}

@@ -1,6 +1,6 @@
 """Prompts to conditioning tensors: tokenize with the four tokenizers, run the four text encoders.
 
-Spec section 5. Every encoder sees the prompt padded (and truncated) to 128 tokens, exactly as
+Every encoder sees the prompt padded (and truncated) to 128 tokens, exactly as
 diffusers' ``HiDreamImagePipeline`` tokenizes it (``padding="max_length"``, ``truncation=True``,
 special tokens added; Llama pads with its EOS and prepends BOS, all recorded in the manifest and the
 tokenizer.json files), then:
@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import ManifestError, RequestError
+from ..manifest import TokenizerComponent
 from .backends import Session
 
 __all__ = ["ENCODERS", "Conditioning", "PromptTokenizer", "PromptTruncatedWarning", "TextEncoders"]
@@ -62,26 +64,23 @@ class PromptTokenizer:
         tokenizer.enable_padding(**kwargs)
 
     @classmethod
-    def from_entry(cls, folder: str | Path, name: str, entry: Mapping[str, Any]) -> "PromptTokenizer":
-        """From a manifest ``tokenizer_<name>`` entry (kind tokenizer, path to a tokenizer.json)."""
+    def from_component(cls, path: Path, name: str, entry: TokenizerComponent) -> "PromptTokenizer":
+        """From a manifest ``tokenizer_<name>`` entry whose tokenizer.json is `path`."""
         from tokenizers import Tokenizer
 
-        path = Path(folder) / entry["path"]
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"{path}: cannot load tokenizer ({exc})") from None
-        padding = entry.get("padding") or {}
+            raise ManifestError(f"{path}: cannot load tokenizer ({' '.join(str(exc).split())})") from None
+        padding = entry.padding
         pad_id = padding.get("pad_id")
         pad_token = padding.get("pad_token")
         if pad_id is None and pad_token is not None:
             pad_id = tokenizer.token_to_id(pad_token)
         if pad_id is None:
-            raise ValueError(f"{path}: the manifest records no padding pad_id/pad_token for {name}")
-        return cls(tokenizer, name, int(entry.get("max_length", 128)), int(pad_id), pad_token,
-                   truncation=bool(entry.get("truncation", True)),
-                   padding_side=padding.get("direction", "right"),
-                   truncation_side=entry.get("truncation_side", "right"))
+            raise ManifestError(f"{path}: the manifest records no padding pad_id/pad_token for {name}")
+        return cls(tokenizer, name, int(entry.max_length), int(pad_id), pad_token, truncation=bool(entry.truncation),
+                   padding_side=padding.get("direction", "right"), truncation_side=entry.truncation_side)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
         """(input_ids, attention_mask) as int64 (B, max_length), and per text the dropped part (None
@@ -91,7 +90,7 @@ class PromptTokenizer:
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         dropped = [self._dropped(e) for e in encodings]
         if ids.shape != (len(texts), self.max_length):
-            raise ValueError(f"tokenizer {self.name}: got shape {ids.shape}, expected "
+            raise ManifestError(f"tokenizer {self.name}: got shape {ids.shape}, expected "
                              f"({len(texts)}, {self.max_length}); is padding set up in its tokenizer.json?")
         return ids, mask, dropped
 
@@ -123,7 +122,7 @@ class TextEncoders:
                  fixed_batch: Mapping[str, int | None] | None = None):
         missing = [n for n in ENCODERS if n not in tokenizers or n not in sessions]
         if missing:
-            raise ValueError(f"text encoders incomplete: no tokenizer or session for {missing}")
+            raise ManifestError(f"text encoders incomplete: no tokenizer or session for {missing}")
         self.tokenizers = dict(tokenizers)
         self.sessions = dict(sessions)
         # An encoder exported with a static batch (an int in its manifest shape) is run row by row.
@@ -160,7 +159,7 @@ class TextEncoders:
         if fixed is None or fixed == ids.shape[0]:
             return self._pick(session.run(feeds), want, name)
         if fixed != 1:
-            raise ValueError(f"{name} was exported for a fixed batch of {fixed}; cannot encode {ids.shape[0]} prompts")
+            raise RequestError(f"{name} was exported for a fixed batch of {fixed}; cannot encode {ids.shape[0]} prompts")
         rows = [self._pick(session.run({k: v[i:i + 1] for k, v in feeds.items()}), want, name)
                 for i in range(ids.shape[0])]
         return np.concatenate(rows, axis=batch_axis)
@@ -171,7 +170,7 @@ class TextEncoders:
             return outputs[want]
         if len(outputs) == 1:
             return next(iter(outputs.values()))
-        raise ValueError(f"{name} encoder returned {sorted(outputs)}, not {want!r}")
+        raise ManifestError(f"{name} encoder returned {sorted(outputs)}, not {want!r}")
 
     def encode(self, prompts: Sequence[str], timings: Any = None, stacklevel: int = 2) -> Conditioning:
         """Encode a batch of prompts in one call per encoder. ``timings``: a report.Timings (optional),

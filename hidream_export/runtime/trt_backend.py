@@ -8,7 +8,7 @@ cuda-python; constructing a TrtBackend without them raises BackendUnavailable sa
 
 What a Session does:
 
-* before deserializing, registers every plugin the engine's manifest entry lists (plugins.loader), and
+* before deserializing, registers every plugin the engine's manifest entry lists (moe.loader), and
   refuses an engine built for another TensorRT version or GPU with a message saying to rebuild;
 * one CUDA stream per session; device buffers allocated once per distinct set of input shapes and reused;
 * `execute_async_v3` on that stream; for engines whose profiles are all static, the execution is captured
@@ -26,17 +26,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from hidream_export.runtime.backends import Backend, BackendUnavailable
+from hidream_export.errors import BackendUnavailable, EngineMismatch, ManifestError, TensorRTUnavailable
+from hidream_export.manifest import Component, Manifest, TrtEngineComponent
+from hidream_export.runtime.backends import Backend
 
 __all__ = ["TrtBackend", "TrtSession", "EngineMismatch"]
 
 _HINT = ("TensorRT engines need TensorRT and cuda-python on a machine with an NVIDIA GPU (pip install "
          "'hidream-export[gpu]'); `hidream-export doctor` shows what is missing; use backend='ort' to run the ONNX "
          "models instead")
-
-
-class EngineMismatch(RuntimeError):
-    """An engine built for another TensorRT version or GPU than this machine's."""
 
 
 def _import_cudart():
@@ -95,11 +93,11 @@ class TrtSession:
 
     Not thread-safe (a TensorRT execution context is not): the backend says so (thread_safe = False)."""
 
-    def __init__(self, trt, cudart, engine, path: Path, entry: Mapping[str, Any], *, cuda_graphs: bool):
+    def __init__(self, trt, cudart, engine, path: Path, entry: TrtEngineComponent, *, cuda_graphs: bool):
         self._trt, self._cudart = trt, cudart
         self.engine = engine
         self.path = path
-        self.entry = dict(entry)
+        self.entry = entry
         self.context = engine.create_execution_context()
         if self.context is None:
             raise RuntimeError(f"{path}: could not create an execution context (out of device memory?)")
@@ -112,10 +110,10 @@ class TrtSession:
         self._events = [_check(cudart, cudart.cudaEventCreate(), "cudaEventCreate") for _ in range(4)]
         self._buffers: dict[tuple, _BufferSet] = {}
         self._active: tuple | None = None
-        profiles = self.entry.get("profiles") or []
+        profiles = self.entry.profiles or []
         self._profiles = profiles
         static = bool(profiles) and all(all(s["min"] == s["max"] for s in p["shapes"].values()) for p in profiles)
-        jit_plugin = any(p.get("implementation", "jit") == "jit" for p in self.entry.get("plugins", []))
+        jit_plugin = any(p.implementation == "jit" for p in self.entry.plugins)
         self.uses_cuda_graphs = bool(cuda_graphs and static and not jit_plugin)
         self.timings: list[dict[str, float]] = []
 
@@ -269,7 +267,7 @@ class TrtBackend(Backend):
     thread_safe = False
 
     def __init__(self, device: int = 0, cuda_graphs: bool = True):
-        from hidream_export.plugins.loader import TensorRTUnavailable, import_tensorrt
+        from hidream_export.moe.loader import import_tensorrt
 
         try:
             self._trt = import_tensorrt("the TensorRT runtime backend (backend='trt')")
@@ -293,24 +291,19 @@ class TrtBackend(Backend):
         return (f"trt {self._trt.__version__} ({self.gpu_name}, sm{self.compute_capability}, "
                 f"CUDA graphs {'on' if self.cuda_graphs else 'off'})")
 
-    def component_key(self, manifest: Mapping[str, Any], name: str) -> str:
+    def component_key(self, manifest: Manifest, name: str) -> str:
         """The trt_engine entry for logical component `name` ("<name>_trt", or any entry engine_for it)."""
-        from hidream_export.build.plan import ENGINE_KIND, engine_key
+        found = manifest.engine_for(name)
+        if found is None:
+            raise ManifestError(f"no TensorRT engine for component {name!r} in this folder (has "
+                                f"{sorted(manifest.components)}); build them with `hidream-export build ... --trt`, "
+                                "or use --backend ort")
+        return found[0]
 
-        comps = manifest.get("components", {})
-        key = engine_key(name)
-        if comps.get(key, {}).get("kind") == ENGINE_KIND:
-            return key
-        for k, entry in comps.items():
-            if entry.get("kind") == ENGINE_KIND and entry.get("engine_for") == name:
-                return k
-        raise ValueError(f"no TensorRT engine for component {name!r} in this folder (has {sorted(comps)}); build "
-                         "them with `hidream-export build ... --trt`, or use backend='ort'")
-
-    def _check_entry(self, entry: Mapping[str, Any], path: Path) -> None:
-        if entry.get("kind") != "trt_engine":
-            raise ValueError(f"the trt backend runs kind 'trt_engine' components, not {entry.get('kind')!r} ({path})")
-        built_trt, built_cc = entry.get("tensorrt_version"), str(entry.get("compute_capability"))
+    def _check_entry(self, entry: Component, path: Path) -> None:
+        if not isinstance(entry, TrtEngineComponent):
+            raise ManifestError(f"the trt backend runs kind 'trt_engine' components, not {entry.kind!r} ({path})")
+        built_trt, built_cc = entry.tensorrt_version, str(entry.compute_capability)
         problems = []
         if built_trt and built_trt != self._trt.__version__:
             problems.append(f"TensorRT {built_trt} (this is {self._trt.__version__})")
@@ -320,13 +313,12 @@ class TrtBackend(Backend):
             raise EngineMismatch(f"{path} was built for {' and '.join(problems)}; TensorRT engines do not move between "
                                  "versions or GPUs: rebuild with `hidream-export build ... --trt` on this machine")
 
-    def load(self, folder: str | Path, entry: Mapping[str, Any]) -> TrtSession:
-        from hidream_export.plugins.loader import ensure_plugins, requirements_from_manifest_entry
+    def load(self, path: Path, entry: Component) -> TrtSession:
+        from hidream_export.moe.loader import ensure_plugins, requirements_of
 
-        path = Path(folder) / entry["path"]
         self._check_entry(entry, path)
-        ensure_plugins(requirements_from_manifest_entry(entry, needed_by=str(path)), phase="runtime")
+        ensure_plugins(requirements_of(entry, needed_by=str(path)), phase="runtime")
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
-            raise RuntimeError(f"{path}: TensorRT could not deserialize the engine (see the TensorRT log above)")
+            raise EngineMismatch(f"{path}: TensorRT could not deserialize the engine (see the TensorRT log above)")
         return TrtSession(self._trt, self._cudart, engine, path, entry, cuda_graphs=self.cuda_graphs)

@@ -15,8 +15,10 @@ interchangeable lowerings with identical maths, chosen by `MoEFeedForward.loweri
 - "gather": per expert, gather the tokens that picked it, run the expert on those rows only, and scatter
   the weighted result back (one plain scatter per expert into zeros, then an add: no scatter-reduction,
   which TensorRT rejects). Exact FLOPs; data-dependent row counts.
-
-Later issues add "triton" (grouped-GEMM kernels) and the ONNX `plugin` node; they register here.
+- "plugin": the routed experts as ONE op, `torch.ops.hidream.HiDreamMoE(x, ids int32, scores, gate (E,D,I),
+  up (E,D,I), down (E,I,D))`, which the ONNX export writes as one `hidream::HiDreamMoE` node and TensorRT
+  runs as a plugin. The op is defined outside the model (hidream_export.moe: Triton kernels on CUDA, a
+  reference loop on CPU); this lowering only calls it, so the model itself needs nothing but torch.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MOE_LOWERINGS = ("reference", "dense", "gather")
+from .choice import Choice
+from .lowerings import LOWERINGS
 
-# Extra lowerings registered by other modules (name -> fn(moe_module, x_flat, topk_idx, topk_weight)).
-EXTRA_LOWERINGS: dict[str, Callable] = {}
+# Keep the stacked (E, ...) copies of each MoE layer's expert weights between `plugin` calls. Saves three
+# torch.stack per layer and call, at the price of a second copy of the expert weights in memory (for the
+# full 17B model, about 20 GB in bf16). Set to False to re-stack on every call instead.
+CACHE_STACKED_WEIGHTS = True
+_CACHE_ATTR = "_hidream_stacked_weights"
 
 
 class SwiGLU(nn.Module):
@@ -87,7 +93,42 @@ def gather_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     return out
 
 
+def _reference(moe: "MoEFeedForward", x, topk_idx, topk_weight):
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(moe.experts):
+        weight = torch.where(topk_idx == e, topk_weight, torch.zeros_like(topk_weight)).sum(-1, keepdim=True)
+        out = out + expert(x) * weight
+    return out
+
+
+def _dense(moe: "MoEFeedForward", x, topk_idx, topk_weight):
+    weights = routing_weight_matrix(topk_idx, topk_weight, moe.num_experts)  # (T, E)
+    outs = torch.stack([expert(x) for expert in moe.experts], dim=1)  # (T, E, D)
+    return (outs * weights[..., None]).sum(dim=1)
+
+
+def _gather(moe: "MoEFeedForward", x, topk_idx, topk_weight):
+    return gather_experts(x, topk_idx, topk_weight, moe.experts)
+
+
+def _plugin(moe: "MoEFeedForward", x, topk_idx, topk_weight):
+    op = getattr(torch.ops.hidream, "HiDreamMoE", None)
+    if op is None:
+        raise RuntimeError("MoE lowering 'plugin' calls torch.ops.hidream.HiDreamMoE, which is not defined in this "
+                           "process; `import hidream_export.moe` defines it")
+    gate_w, up_w, down_w = moe.stacked_expert_weights(x.dtype)
+    return op(x, topk_idx.to(torch.int32), topk_weight.to(x.dtype), gate_w, up_w, down_w)
+
+
+# The implementation of each lowering named in lowerings.py: fn(moe_module, x (T, D), topk_idx (T, k),
+# topk_weight (T, k)) -> routed output (T, D).
+MOE_LOWERINGS: dict[str, Callable] = {"reference": _reference, "dense": _dense, "gather": _gather, "plugin": _plugin}
+assert set(MOE_LOWERINGS) == set(LOWERINGS), "every lowering in lowerings.py has an implementation here"
+
+
 class MoEFeedForward(nn.Module):
+    lowering = Choice(LOWERINGS, "moe_lowering")
+
     def __init__(self, dim: int, hidden: int, shared_hidden: int, num_experts: int, top_k: int,
                  lowering: str = "reference"):
         super().__init__()
@@ -98,45 +139,12 @@ class MoEFeedForward(nn.Module):
         self.gate = MoEGate(dim, num_experts, top_k)
         self.lowering = lowering
 
-    @property
-    def lowering(self) -> str:
-        return self._lowering
-
-    @lowering.setter
-    def lowering(self, value: str) -> None:
-        if value not in MOE_LOWERINGS and value not in EXTRA_LOWERINGS:
-            raise ValueError(
-                f"moe_lowering must be one of {list(MOE_LOWERINGS) + sorted(EXTRA_LOWERINGS)}, got {value!r}")
-        self._lowering = value
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = self.gate(flat)
-        if self._lowering == "reference":
-            routed = self._reference(flat, topk_idx, topk_weight)
-        elif self._lowering == "dense":
-            routed = self._dense(flat, topk_idx, topk_weight)
-        elif self._lowering == "gather":
-            routed = self._gather(flat, topk_idx, topk_weight)
-        else:
-            routed = EXTRA_LOWERINGS[self._lowering](self, flat, topk_idx, topk_weight)
+        routed = MOE_LOWERINGS[self.lowering](self, flat, topk_idx, topk_weight)
         return routed.reshape(shape) + self.shared_experts(x)
-
-    def _reference(self, x, topk_idx, topk_weight):
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            weight = torch.where(topk_idx == e, topk_weight, torch.zeros_like(topk_weight)).sum(-1, keepdim=True)
-            out = out + expert(x) * weight
-        return out
-
-    def _dense(self, x, topk_idx, topk_weight):
-        weights = routing_weight_matrix(topk_idx, topk_weight, self.num_experts)  # (T, E)
-        outs = torch.stack([expert(x) for expert in self.experts], dim=1)  # (T, E, D)
-        return (outs * weights[..., None]).sum(dim=1)
-
-    def _gather(self, x, topk_idx, topk_weight):
-        return gather_experts(x, topk_idx, topk_weight, self.experts)
 
     # Stacked weights in TensorRT's MoE layout: gate/up (E, D, I), down (E, I, D).
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,3 +152,37 @@ class MoEFeedForward(nn.Module):
         w3 = torch.stack([e.w3.weight.t() for e in self.experts])
         w2 = torch.stack([e.w2.weight.t() for e in self.experts])
         return w1, w3, w2
+
+    def invalidate_stacked_weights(self) -> None:
+        """Drop the cached stacked weights. Needed only after writing weights through `.data`, which bypasses
+        the version counter the cache checks (in-place ops, load_state_dict and .to() are detected)."""
+        self.__dict__.pop(_CACHE_ATTR, None)
+
+    def stacked_expert_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`stacked_weights()` cast to `dtype`, cached between calls.
+
+        The cache key is every expert parameter's (data_ptr, version, shape, dtype, device) plus `dtype`,
+        so replaced tensors (load into new storage, .to(), `p.data = ...`) and in-place updates (`copy_`
+        under no_grad, load_state_dict) invalidate it. While tracing (torch.export/compile, where parameters
+        may be fake tensors without storage) nothing is cached and the stack is part of the graph."""
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            w1, w3, w2 = self.stacked_weights()
+            if dtype is not None:
+                w1, w3, w2 = w1.to(dtype), w3.to(dtype), w2.to(dtype)
+            return w1, w3, w2
+
+        if not CACHE_STACKED_WEIGHTS or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return build()
+        params = [p for expert in self.experts for p in (expert.w1.weight, expert.w3.weight, expert.w2.weight)]
+        try:
+            key = tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype, p.device) for p in params)
+        except RuntimeError:  # e.g. inference tensors have no version counter: don't cache what we can't check
+            return build()
+        key += (dtype,)
+        cached = self.__dict__.get(_CACHE_ATTR)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():  # a cache must not hold an autograd graph
+            weights = build()
+        self.__dict__[_CACHE_ATTR] = (key, weights)
+        return weights

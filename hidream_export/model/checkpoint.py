@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import TransformerConfig, resolve_config
+from .config import ConfigError, TransformerConfig, resolve_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -41,6 +38,9 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# Every transformer parameter is a float; an integer, bool or FP8 tensor means a quantized or foreign
+# checkpoint, which a plain cast would silently turn into garbage weights.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class CheckpointError(ValueError):
@@ -186,11 +186,24 @@ def _shard_files(folder: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
     files = sorted(set(weight_map.values()))
+    outside = [f for f in files if Path(f).name != f or f in ("", ".", "..")]
+    if outside:
+        raise CheckpointError(f"{index}: shard {outside[0]!r} is not a file name in {folder}; an index names "
+                              f"shards beside it")
     missing = [f for f in files if not (folder / f).exists()]
     if missing:
         raise CheckpointError(f"{index}: lists {len(missing)} shard file(s) that do not exist: {missing[:3]}")
     return [folder / f for f in files]
+
+
+def _resolve(config) -> TransformerConfig:
+    try:
+        return resolve_config(config)
+    except ConfigError as exc:
+        raise CheckpointError(f"--config: {exc}") from None
 
 
 def locate_checkpoint(path: str | Path, config: "TransformerConfig | str | Path | None" = None) -> CheckpointFiles:
@@ -206,16 +219,16 @@ def locate_checkpoint(path: str | Path, config: "TransformerConfig | str | Path 
             config_file = folder / CONFIG_NAME
             try:
                 cfg = TransformerConfig.from_file(config_file)
-            except ValueError as exc:
+            except ConfigError as exc:
                 raise CheckpointError(str(exc)) from None
         else:
-            cfg = resolve_config(config)
+            cfg = _resolve(config)
     else:
         if config is None:
             raise CheckpointError(
-                f"{path}: a single-file checkpoint carries no config; pass config= a preset name "
+                f"{path}: a single-file checkpoint carries no config; pass --config with a preset name "
                 f"(e.g. 'real') or a config.json path")
-        files, cfg = [path], resolve_config(config)
+        files, cfg = [path], _resolve(config)
         if not isinstance(config, TransformerConfig) and Path(str(config)).exists():
             config_file = Path(str(config))
     entries: dict[str, TensorEntry] = {}
@@ -257,6 +270,17 @@ def _config_hints(config: TransformerConfig, found: dict[str, tuple[int, ...]]) 
     check("p_embedder.pooled_embedder.linear_1.weight", 1, "text_emb_dim", config.text_emb_dim)
     check("caption_projection.0.linear.weight", 1, "caption_channels[1] (llama)", config.llama_dim)
     check("double_stream_blocks.0.block.ff_i.gate.weight", 0, "num_routed_experts", config.num_routed_experts)
+    hints += _block_hints(config, found)
+    n_caption = len({k.split(".")[1] for k in found if k.startswith("caption_projection.")})
+    t5_key = f"caption_projection.{n_caption - 1}.linear.weight"
+    if t5_key in found and found[t5_key][1] != config.t5_dim:
+        hints.append(f"caption_channels[0] (t5)={config.t5_dim} but {t5_key} implies {found[t5_key][1]}")
+    return hints
+
+
+def _block_hints(config: TransformerConfig, found: dict[str, tuple[int, ...]]) -> list[str]:
+    """Block and caption-projection counts of the weights that contradict the config."""
+    hints = []
     n_double = len({k.split(".")[1] for k in found if k.startswith("double_stream_blocks.")})
     n_single = len({k.split(".")[1] for k in found if k.startswith("single_stream_blocks.")})
     n_caption = len({k.split(".")[1] for k in found if k.startswith("caption_projection.")})
@@ -266,16 +290,27 @@ def _config_hints(config: TransformerConfig, found: dict[str, tuple[int, ...]]) 
         hints.append(f"num_single_layers={config.num_single_layers} but the weights have {n_single} single-stream blocks")
     if n_caption and n_caption != config.num_blocks + 1:
         hints.append(f"llama_layers/num blocks imply {config.num_blocks + 1} caption projections, weights have {n_caption}")
-    t5_key = f"caption_projection.{n_caption - 1}.linear.weight"
-    if t5_key in found and found[t5_key][1] != config.t5_dim:
-        hints.append(f"caption_channels[0] (t5)={config.t5_dim} but {t5_key} implies {found[t5_key][1]}")
     return hints
 
 
 def check_keys(ckpt: CheckpointFiles) -> None:
-    """Raise CheckpointError listing missing, unexpected and wrong-shaped keys (first few, with counts)."""
-    want = expected_shapes(ckpt.config)
+    """Raise CheckpointError listing missing, unexpected and wrong-shaped keys (first few, with counts),
+    or naming a tensor that is not a float. Block counts are compared first, from the headers alone, so
+    a config that disagrees with the weights fails before a model is built from it."""
     found = {k: e.shape for k, e in ckpt.entries.items()}
+    not_float = sorted(k for k, e in ckpt.entries.items() if e.dtype not in FLOAT_DTYPES)
+    if not_float:
+        e = ckpt.entries[not_float[0]]
+        raise CheckpointError(
+            f"{e.file}: tensor {e.key!r} is {e.dtype}, and {len(not_float)} tensor(s) in all are not floats "
+            f"({', '.join(not_float[:3])}{', ...' if len(not_float) > 3 else ''}); a HiDream-I1 transformer "
+            f"checkpoint holds {'/'.join(FLOAT_DTYPES)} weights (quantized checkpoints are not supported)")
+    counts = _block_hints(ckpt.config, found)
+    if counts:
+        where = ckpt.config_file or "the given config"
+        raise CheckpointError(f"{ckpt.root}: checkpoint does not match the transformer config ({where}): "
+                              + "; ".join(counts))
+    want = expected_shapes(ckpt.config)
     missing = sorted(set(want) - set(found))
     unexpected = sorted(set(found) - set(want))
     wrong = sorted(k for k in set(want) & set(found) if want[k] != found[k])
@@ -314,7 +349,7 @@ def _resolve_dtype(dtype, ckpt: CheckpointFiles) -> torch.dtype:
         names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
         if dtype not in names:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
+            raise CheckpointError(f"--dtype {dtype!r} is not one of {sorted(names)}")
         return names[dtype]
     return dtype
 
@@ -360,61 +395,3 @@ def load_transformer(path: str | Path, dtype: "torch.dtype | str | None" = None,
     # Non-persistent buffers are not in the checkpoint: rebuild them for real on the target device.
     model.rope = RopeTables(ckpt.config.axes_dims_rope, model.rope.max_positions, rope_dtype).to(device)
     return model.eval()
-
-
-# ---- writing -----------------------------------------------------------------------------------------
-
-def save_transformer(tensors: Iterable[tuple[str, torch.Tensor]], config: TransformerConfig, out_dir: str | Path,
-                     shard_of: dict[str, int] | None = None, metadata: dict[str, str] | None = None) -> Path:
-    """Write a diffusers-format `transformer/` folder: config.json + one safetensors file, or shards
-    `diffusion_pytorch_model-0000i-of-0000n.safetensors` with the index file when `shard_of` (key ->
-    shard number, non-decreasing in iteration order) is given.
-
-    `tensors` may be a generator: at most one shard is held in memory. The folder is written next to
-    its destination and renamed into place, so a crash never leaves a half-written checkpoint.
-    """
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        shards: list[list[str]] = []
-        weight_map: dict[str, str] = {}
-        total = 0
-        current: dict[str, torch.Tensor] = {}
-        meta = {"format": "pt", **(metadata or {})}
-
-        def flush() -> None:
-            nonlocal current
-            if current:
-                save_file(current, tmp / f"shard-{len(shards):05d}.tmp", metadata=meta)
-                shards.append(list(current))
-                current = {}
-
-        shard = 0
-        for name, tensor in tensors:
-            if shard_of is not None and shard_of[name] != shard:
-                flush()
-                shard = shard_of[name]
-            current[name] = tensor.contiguous()
-            total += tensor.numel() * tensor.element_size()
-        flush()
-        if shard_of is None:
-            os.replace(tmp / "shard-00000.tmp", tmp / WEIGHTS_NAME)
-        else:
-            n = len(shards)
-            for i, keys in enumerate(shards):
-                fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors"
-                os.replace(tmp / f"shard-{i:05d}.tmp", tmp / fname)
-                weight_map.update({k: fname for k in keys})
-            (tmp / INDEX_NAME).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir

@@ -8,13 +8,17 @@ only one shard in memory.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from hidream_export.model.checkpoint import expected_shapes, save_transformer
+from hidream_export.files import atomic_open, staged_dir, swap_dir
+from hidream_export.model.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, expected_shapes
 from hidream_export.model.config import TransformerConfig, resolve_config
 
 # The real checkpoint ships as 7 shards (~5 GB each); smaller presets use this shard size when sharded.
@@ -55,13 +59,11 @@ def write_transformer(out_dir: str | Path, config: "TransformerConfig | str" = "
     config = resolve_config(config)
     shapes = expected_shapes(config)
     if single_file:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file({f"model.diffusion_model.{k}": v for k, v in random_state(config, seed, dtype)}, tmp)
-        tmp.replace(out)
+        with atomic_open(out, "wb") as fh:
+            fh.write(save({f"model.diffusion_model.{k}": v for k, v in random_state(config, seed, dtype)}))
         return out
     shard_of = None
     if shards and shards > 1:
@@ -74,3 +76,56 @@ def write_transformer(out_dir: str | Path, config: "TransformerConfig | str" = "
     # No extra metadata: safetensors writes metadata keys in hash-map order, and the same seed must give
     # byte-identical files.
     return save_transformer(random_state(config, seed, dtype), config, out_dir, shard_of=shard_of)
+
+
+def save_transformer(tensors: Iterable[tuple[str, torch.Tensor]], config: TransformerConfig, out_dir: str | Path,
+                     shard_of: dict[str, int] | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """Write a diffusers-format `transformer/` folder: config.json + one safetensors file, or shards
+    `diffusion_pytorch_model-0000i-of-0000n.safetensors` with the index file when `shard_of` (key ->
+    shard number, non-decreasing in iteration order) is given.
+
+    `tensors` may be a generator: at most one shard is held in memory. The folder is written next to
+    its destination and renamed into place, so a crash never leaves a half-written checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = staged_dir(out_dir.parent, out_dir.name)
+    try:
+        shards: list[list[str]] = []
+        weight_map: dict[str, str] = {}
+        total = 0
+        current: dict[str, torch.Tensor] = {}
+        meta = {"format": "pt", **(metadata or {})}
+
+        def flush() -> None:
+            nonlocal current
+            if current:
+                save_file(current, tmp / f"shard-{len(shards):05d}.tmp", metadata=meta)
+                shards.append(list(current))
+                current = {}
+
+        shard = 0
+        for name, tensor in tensors:
+            if shard_of is not None and shard_of[name] != shard:
+                flush()
+                shard = shard_of[name]
+            current[name] = tensor.contiguous()
+            total += tensor.numel() * tensor.element_size()
+        flush()
+        if shard_of is None:
+            os.replace(tmp / "shard-00000.tmp", tmp / WEIGHTS_NAME)
+        else:
+            n = len(shards)
+            for i, keys in enumerate(shards):
+                fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors"
+                os.replace(tmp / f"shard-{i:05d}.tmp", tmp / fname)
+                weight_map.update({k: fname for k in keys})
+            (tmp / INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        swap_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -80,14 +80,22 @@ def _moe_or_ffn(dim: int, num_experts: int, top_k: int, lowering: str, hidden: i
     return SwiGLU(dim, hidden)
 
 
-class DoubleStreamBlock(nn.Module):
+class _Block(nn.Module):
+    """What both block kinds have: adaLN modulation (`chunks` vectors from the conditioning), joint
+    attention, and the MoE (or dense SwiGLU) feed-forward on image tokens."""
+
+    def __init__(self, chunks, dim, heads, num_experts, top_k, hidden, shared_hidden, lowering):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, chunks * dim))
+        self.attn1 = Attention(dim, heads, single=chunks == 6)
+        self.ff_i = _moe_or_ffn(dim, num_experts, top_k, lowering, hidden, shared_hidden)
+
+
+class DoubleStreamBlock(_Block):
     """Separate image/text weights, joint attention; MoE on image tokens, dense SwiGLU on text."""
 
     def __init__(self, dim, heads, num_experts, top_k, hidden, shared_hidden, lowering):
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 12 * dim))
-        self.attn1 = Attention(dim, heads, single=False)
-        self.ff_i = _moe_or_ffn(dim, num_experts, top_k, lowering, hidden, shared_hidden)
+        super().__init__(12, dim, heads, num_experts, top_k, hidden, shared_hidden, lowering)
         self.ff_t = SwiGLU(dim, hidden)
 
     def forward(self, img, txt, temb, ctx):
@@ -103,14 +111,11 @@ class DoubleStreamBlock(nn.Module):
         return gate_mlp_i * ff_i + img, gate_mlp_t * ff_t + txt
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(_Block):
     """One set of weights for the concatenated image+text sequence; MoE on every token."""
 
     def __init__(self, dim, heads, num_experts, top_k, hidden, shared_hidden, lowering):
-        super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.attn1 = Attention(dim, heads, single=True)
-        self.ff_i = _moe_or_ffn(dim, num_experts, top_k, lowering, hidden, shared_hidden)
+        super().__init__(6, dim, heads, num_experts, top_k, hidden, shared_hidden, lowering)
 
     def forward(self, h, temb, ctx):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \

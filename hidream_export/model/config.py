@@ -13,6 +13,21 @@ from pathlib import Path
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A transformer config that cannot describe a HiDream-I1 model; the message names the field."""
+
+
+# Sanity bounds, far above any HiDream-I1 size but low enough that a typo cannot make the model builder
+# allocate for minutes before the weights are compared with the config.
+MAX_LAYERS = 1024
+MAX_WIDTH = 65536
+MAX_EXPERTS = 1024
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def swiglu_hidden_dim(hidden_dim: int, multiple_of: int = 256) -> int:
     """Hidden width of HiDream's SwiGLU for a nominal `hidden_dim` (2/3 of it, rounded up to 256)."""
     hidden = int(2 * hidden_dim / 3)
@@ -39,7 +54,10 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         # Accept lists from JSON but store tuples so the config is hashable and immutable.
         for name in ("caption_channels", "axes_dims_rope", "max_resolution", "llama_layers"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+                raise ConfigError(f"TransformerConfig.{name} must be a list of integers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
         if self.out_channels is None:
             object.__setattr__(self, "out_channels", self.in_channels)
         self.validate()
@@ -81,48 +99,47 @@ class TransformerConfig:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        def positive(name: str) -> None:
+        """Types and bounds of every field, before anything is built from the config."""
+        def integer(name: str, lo: int, hi: int) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TransformerConfig.{name} must be a positive integer, got {value!r}")
+            if not _is_int(value) or not lo <= value <= hi:
+                raise ConfigError(f"TransformerConfig.{name} must be an integer in {lo}..{hi}, got {value!r}")
 
-        for name in ("patch_size", "in_channels", "out_channels", "attention_head_dim",
-                     "num_attention_heads", "text_emb_dim"):
-            positive(name)
-        for name in ("num_layers", "num_single_layers", "num_routed_experts", "num_activated_experts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TransformerConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.num_blocks == 0:
-            raise ValueError("TransformerConfig needs at least one block: num_layers + num_single_layers = 0")
-        if len(self.caption_channels) != 2 or min(self.caption_channels) <= 0:
-            raise ValueError(
-                f"TransformerConfig.caption_channels must be [t5_dim, llama_dim] (two positive integers), "
-                f"got {list(self.caption_channels)}")
-        if self.num_routed_experts > 0 and not 1 <= self.num_activated_experts <= self.num_routed_experts:
-            raise ValueError(
-                f"TransformerConfig.num_activated_experts must be in 1..num_routed_experts="
-                f"{self.num_routed_experts}, got {self.num_activated_experts}")
-        if any(d <= 0 or d % 2 for d in self.axes_dims_rope):
-            raise ValueError(
-                f"TransformerConfig.axes_dims_rope entries must be positive and even, got {list(self.axes_dims_rope)}")
-        if len(self.axes_dims_rope) != 3:
-            raise ValueError(
-                f"TransformerConfig.axes_dims_rope must have 3 entries (one per id axis), "
-                f"got {len(self.axes_dims_rope)}: {list(self.axes_dims_rope)}")
-        if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ValueError(
-                f"TransformerConfig.axes_dims_rope must sum to attention_head_dim={self.attention_head_dim}, "
-                f"got sum({list(self.axes_dims_rope)}) = {sum(self.axes_dims_rope)}")
-        if len(self.max_resolution) != 2 or any(r <= 0 or r % self.patch_size for r in self.max_resolution):
-            raise ValueError(
-                f"TransformerConfig.max_resolution must be two positive multiples of patch_size="
-                f"{self.patch_size}, got {list(self.max_resolution)}")
-        if len(self.llama_layers) != self.num_blocks:
-            raise ValueError(
-                f"TransformerConfig.llama_layers needs one entry per block: num_layers + num_single_layers = "
-                f"{self.num_layers} + {self.num_single_layers} = {self.num_blocks}, got {len(self.llama_layers)}")
-        if min(self.llama_layers) < 0:
-            raise ValueError(f"TransformerConfig.llama_layers must be >= 0, got {list(self.llama_layers)}")
+        for name in ("patch_size", "in_channels", "out_channels", "attention_head_dim", "num_attention_heads"):
+            integer(name, 1, 4096)
+        integer("text_emb_dim", 1, MAX_WIDTH)
+        for name in ("num_layers", "num_single_layers"):
+            integer(name, 0, MAX_LAYERS)
+        integer("num_routed_experts", 0, MAX_EXPERTS)
+        integer("num_activated_experts", 0, MAX_EXPERTS)
+        # Checked in order; the first rule that fails is the message. Lambdas, because a rule may only be
+        # evaluated once the ones before it hold (the rope check sums entries the length check counted).
+        caption, rope, res, llama = (list(self.caption_channels), list(self.axes_dims_rope),
+                                     list(self.max_resolution), list(self.llama_layers))
+        rules = (
+            (lambda: self.inner_dim <= MAX_WIDTH,
+             f"num_attention_heads * attention_head_dim = {self.inner_dim} exceeds {MAX_WIDTH}"),
+            (lambda: len(caption) == 2 and all(0 < d <= MAX_WIDTH for d in caption),
+             f"caption_channels must be [t5_dim, llama_dim], two integers in 1..{MAX_WIDTH}, got {caption}"),
+            (lambda: len(res) == 2 and all(0 < r <= 4096 and r % self.patch_size == 0 for r in res),
+             f"max_resolution must be two multiples of patch_size={self.patch_size} in 1..4096, got {res}"),
+            (lambda: self.num_blocks > 0, "num_layers + num_single_layers must be >= 1 (at least one block), got 0"),
+            (lambda: self.num_routed_experts == 0 or 1 <= self.num_activated_experts <= self.num_routed_experts,
+             f"num_activated_experts must be in 1..num_routed_experts={self.num_routed_experts}, "
+             f"got {self.num_activated_experts}"),
+            (lambda: all(d > 0 and d % 2 == 0 for d in rope),
+             f"axes_dims_rope entries must be positive and even, got {rope}"),
+            (lambda: len(rope) == 3, f"axes_dims_rope must have 3 entries (one per id axis), got {len(rope)}: {rope}"),
+            (lambda: sum(rope) == self.attention_head_dim,
+             f"axes_dims_rope must sum to attention_head_dim={self.attention_head_dim}, got sum({rope}) = {sum(rope)}"),
+            (lambda: len(llama) == self.num_blocks,
+             f"llama_layers needs one entry per block: num_layers + num_single_layers = {self.num_layers} + "
+             f"{self.num_single_layers} = {self.num_blocks}, got {len(llama)}"),
+            (lambda: min(llama) >= 0, f"llama_layers must be >= 0, got {llama}"),
+        )
+        for holds, message in rules:
+            if not holds():
+                raise ConfigError(f"TransformerConfig.{message}")
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     @classmethod
@@ -138,13 +155,17 @@ class TransformerConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"transformer config not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            raise ConfigError(f"transformer config not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a JSON object")
         try:
             return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # ConfigError, or a field type the dataclass rejects
+            raise ConfigError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers `config.json` content for this config."""
@@ -202,7 +223,7 @@ def get_preset(name: str) -> TransformerConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown transformer preset {name!r}; expected one of {sorted(PRESETS)}") from None
+        raise ConfigError(f"unknown transformer preset {name!r}; expected one of {sorted(PRESETS)}") from None
 
 
 def resolve_config(config: "TransformerConfig | str | Path | dict") -> TransformerConfig:
@@ -218,4 +239,4 @@ def resolve_config(config: "TransformerConfig | str | Path | dict") -> Transform
         path = path / "config.json"
     if path.suffix == ".json" or path.exists():
         return TransformerConfig.from_file(path)
-    raise ValueError(f"config {str(config)!r} is neither a preset {sorted(PRESETS)} nor a config.json file")
+    raise ConfigError(f"config {str(config)!r} is neither a preset {sorted(PRESETS)} nor a config.json file")

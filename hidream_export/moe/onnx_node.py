@@ -1,12 +1,12 @@
-"""The `plugin` MoE export: one `hidream::HiDreamMoE` node per MoE layer, plus a model-local ONNX
-function of the same name so ONNX Runtime runs the file with no extra library.
+"""The ONNX side of the `plugin` MoE lowering: one `hidream::HiDreamMoE` node per MoE layer, plus a
+model-local ONNX function of the same name so ONNX Runtime runs the file with no extra library.
 
-In the traced model the routed experts are the `hidream::moe_experts` torch op (plugins/moe_op.py: the
-"triton" lowering); the translation table below turns each call into the custom node, with its attributes
-from plugins/schema.py. The function body is the `gather` decomposition: it is obtained by exporting
-`experts_gather` (below) with the same dynamo exporter, so ONNX Runtime computes exactly what the
-`gather` export computes. TensorRT >= 10.7 prefers a registered plugin over a model-local function of the
-same name, and the engine build removes the function anyway so the parser can only reach the plugin.
+In the traced model the routed experts are the `torch.ops.hidream.HiDreamMoE` op (torch_op.py; the
+model's `plugin` lowering calls it); the translation table below turns each call into the custom node,
+with its attributes from schema.py. The function body is the `gather` decomposition: it is obtained by
+exporting `experts_gather` (below) with the same dynamo exporter, so ONNX Runtime computes exactly what
+the `gather` export computes. TensorRT >= 10.7 prefers a registered plugin over a model-local function of
+the same name, and the engine build removes the function anyway so the parser can only reach the plugin.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import onnx_ir as ir
 import torch
 
 from hidream_export.model.moe import gather_experts
-from hidream_export.plugins import moe_op, schema  # noqa: F401  (registers torch.ops.hidream.moe_experts)
-
-TORCH_LOWERING = "triton"  # what the traced model calls: torch.ops.hidream.moe_experts
+from hidream_export.moe import schema, torch_op  # noqa: F401  (torch_op defines torch.ops.hidream.HiDreamMoE)
 
 
 def experts_gather(hidden, selected_experts, scores, gate_weights, up_weights, down_weights, num_experts: int):
@@ -34,13 +32,13 @@ def register_onnx_schema() -> None:
     if onnx.defs.has(schema.OP_TYPE, schema.DOMAIN):
         return
     P = onnx.defs.OpSchema.FormalParameter
-    float_types = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-    inputs = [P(name, "tensor(int32)" if name == "selected_experts" else "T") for name in schema.INPUT_NAMES]
+    float_types = [schema.ONNX_TYPES[t] for t in schema.ACTIVATION_TYPES]
+    inputs = [P(name, schema.ONNX_TYPES[schema.INDEX_TYPE] if name == "selected_experts" else "T")
+              for name in schema.INPUT_NAMES]
     attr = onnx.defs.OpSchema.Attribute
     AT = onnx.defs.OpSchema.AttrType
-    attributes = [attr("plugin_namespace", AT.STRING, "TensorRT plugin namespace"),
-                  attr("plugin_version", AT.STRING, "TensorRT plugin version"),
-                  attr("top_k", AT.INT, "experts per token"), attr("num_experts", AT.INT, "routed experts")]
+    kinds = {str: AT.STRING, int: AT.INT}
+    attributes = [attr(name, kinds[kind], name) for name, kind in schema.ATTRIBUTE_TYPES.items()]
     onnx.defs.register_schema(onnx.defs.OpSchema(
         schema.OP_TYPE, schema.DOMAIN, schema.DOMAIN_VERSION, doc=schema.__doc__ or "",
         inputs=inputs, outputs=[P(schema.OUTPUT_NAMES[0], "T")],
@@ -48,7 +46,7 @@ def register_onnx_schema() -> None:
 
 
 def translation_table() -> dict:
-    """torch.ops.hidream.moe_experts -> hidream::HiDreamMoE (attributes from the shared schema)."""
+    """torch.ops.hidream.HiDreamMoE -> hidream::HiDreamMoE (attributes from the shared schema)."""
     from onnxscript import values
 
     register_onnx_schema()
@@ -61,7 +59,7 @@ def translation_table() -> dict:
             hidden, selected_experts, scores, gate_weights, up_weights, down_weights,
             **schema.node_attributes(top_k, num_experts))
 
-    return {torch.ops.hidream.moe_experts.default: hidream_moe}
+    return {getattr(torch.ops.hidream, schema.OP_TYPE).default: hidream_moe}
 
 
 class _GatherBody(torch.nn.Module):
@@ -87,7 +85,7 @@ def function_proto(num_experts: int, top_k: int, hidden: int, intermediate: int,
             torch.randn(num_experts, intermediate, hidden, generator=g).to(dtype))
     tokens = torch.export.Dim("tokens", min=1)
     shapes = ({0: tokens}, {0: tokens}, {0: tokens}, None, None, None)
-    program = torch.onnx.export(_GatherBody(num_experts), args, dynamo=True, dynamic_shapes=shapes,
+    program = torch.onnx.export(_GatherBody(num_experts).eval(), args, dynamo=True, verbose=False, dynamic_shapes=shapes,
                                 input_names=list(schema.INPUT_NAMES), output_names=list(schema.OUTPUT_NAMES),
                                 opset_version=opset, optimize=True)
     graph = onnx.shape_inference.infer_shapes(program.model_proto).graph
@@ -105,7 +103,8 @@ def attach_function(model: ir.Model, opset: int) -> None:
     """Add the model-local HiDreamMoE function to an exported model (in place), sized from its nodes."""
     nodes = [n for n in model.graph.all_nodes() if n.domain == schema.DOMAIN and n.op_type == schema.OP_TYPE]
     if not nodes:
-        raise ValueError(f"plugin export produced no {schema.PLUGIN_ID} node; the MoE lowering was not applied")
+        raise schema.MoEContractError(f"the plugin export produced no {schema.PLUGIN_ID} node; the MoE lowering was "
+                                      f"not applied")
     gate = nodes[0].inputs[3]
     num_experts, hidden, intermediate = (int(d) for d in gate.shape)
     top_k = int(nodes[0].attributes["top_k"].value)

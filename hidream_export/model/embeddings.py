@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from .choice import Choice
+
 ROPE_THETA = 10000
 TIMESTEP_CHANNELS = 256
 
@@ -109,6 +111,8 @@ class RopeTables(nn.Module):
       numbers. `max_positions` bounds the grid in that mode.
     """
 
+    rope_dtype = Choice(ROPE_DTYPES, "rope_dtype")
+
     def __init__(self, axes_dims: tuple[int, ...], max_positions: int, rope_dtype: str = "float64"):
         super().__init__()
         self.axes_dims = tuple(axes_dims)
@@ -119,16 +123,6 @@ class RopeTables(nn.Module):
             ang = _axis_angles(pos, self.axes_dims[axis], torch.float64)
             self.register_buffer(f"cos{axis}", torch.cos(ang).float(), persistent=False)
             self.register_buffer(f"sin{axis}", torch.sin(ang).float(), persistent=False)
-
-    @property
-    def rope_dtype(self) -> str:
-        return self._rope_dtype
-
-    @rope_dtype.setter
-    def rope_dtype(self, value: str) -> None:
-        if value not in ROPE_DTYPES:
-            raise ValueError(f"rope_dtype must be one of {ROPE_DTYPES}, got {value!r}")
-        self._rope_dtype = value
 
     def _axis(self, axis: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope_dtype == "float32":

@@ -15,6 +15,8 @@ differences that keep one traced graph valid for every input:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -125,49 +127,68 @@ class HiDreamTransformer(nn.Module):
     def embed(self, hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3, pooled_embeds):
         """Inputs -> (image tokens, conditioning, T5 + last-Llama text tokens, one projected Llama layer per
         block, attention context)."""
-        c = self.config
-        p = c.patch_size
-        B, C, H, W = hidden_states.shape
-        rows, cols = H // p, W // p
-        n_img = rows * cols
-        dtype = hidden_states.dtype
-
-        # Patchify: tokens row-major, features ordered (p_row, p_col, C); one zero patch appended for
-        # the padding token (see the module docstring).
-        patches = hidden_states.reshape(B, C, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).reshape(B, n_img, p * p * C)
-        patches = torch.cat([patches, patches.new_zeros(B, 1, p * p * C)], dim=1)
-        img = self.x_embedder(patches)
-
-        temb = self.t_embedder(timesteps, dtype) + self.p_embedder(pooled_embeds)
-
-        llama = [self.caption_projection[i](encoder_hidden_states_llama3[layer])
-                 for i, layer in enumerate(c.llama_layers)]
-        t5 = self.caption_projection[-1](encoder_hidden_states_t5)
-        txt0 = torch.cat([t5, llama[-1]], dim=1)
-        n_txt = txt0.shape[1] + llama[0].shape[1]
-
-        ctx = self._attention_context(rows, cols, n_txt, H, W, hidden_states.device)
-        return img, temb, txt0, llama, ctx
+        return embed(self, hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3,
+                     pooled_embeds)
 
     def unembed(self, h: torch.Tensor, temb: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """Joint tokens after the last block -> the output latent (shaped like `hidden_states`)."""
-        p = self.config.patch_size
-        B, _, H, W = hidden_states.shape
-        rows, cols = H // p, W // p
-        out = self.final_layer(h[:, :rows * cols], temb)
-        return out.reshape(B, rows, cols, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
+        return unembed(self, h, temb, hidden_states)
 
-    def _attention_context(self, rows, cols, n_txt, H, W, device) -> AttentionContext:
-        n_img = rows * cols
-        cos_img, sin_img = self.rope(rows, cols, device)
-        n_rest = 1 + n_txt  # padding token + text tokens: identity rotation
-        cos = torch.cat([cos_img, cos_img.new_ones(n_rest, cos_img.shape[1])])
-        sin = torch.cat([sin_img, sin_img.new_zeros(n_rest, sin_img.shape[1])])
-        n_pad = padding_multiplicity(H, W, n_img, self.config.max_seq, device)
-        one = torch.ones(1, device=device)
-        key_scale = torch.cat([one.expand(n_img), one * 0, one.expand(n_txt)])
-        bias = torch.cat([(one * 0).expand(n_img), torch.log(n_pad).reshape(1), (one * 0).expand(n_txt)])
-        return AttentionContext(cos, sin, key_scale, bias)
+    def split(self) -> "TransformerParts":
+        """The model as the four parts the block-by-block export traces (see TransformerParts)."""
+        c = self.config
+        return TransformerParts(
+            Prologue(self), DoubleBlockPart(self.double_stream_blocks[0]) if c.num_layers else None,
+            SingleBlockPart(self.single_stream_blocks[0]) if c.num_single_layers else None, Epilogue(self))
+
+
+# ---- the steps between blocks (shared by the model and its parts) --------------------------------------
+# `m` is the model, or a part that holds the same modules under the same names.
+
+def embed(m, hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3, pooled_embeds):
+    c = m.config
+    p = c.patch_size
+    B, C, H, W = hidden_states.shape
+    rows, cols = H // p, W // p
+    n_img = rows * cols
+    dtype = hidden_states.dtype
+
+    # Patchify: tokens row-major, features ordered (p_row, p_col, C); one zero patch appended for
+    # the padding token (see the module docstring).
+    patches = hidden_states.reshape(B, C, rows, p, cols, p).permute(0, 2, 4, 3, 5, 1).reshape(B, n_img, p * p * C)
+    patches = torch.cat([patches, patches.new_zeros(B, 1, p * p * C)], dim=1)
+    img = m.x_embedder(patches)
+
+    temb = m.t_embedder(timesteps, dtype) + m.p_embedder(pooled_embeds)
+
+    llama = [m.caption_projection[i](encoder_hidden_states_llama3[layer]) for i, layer in enumerate(c.llama_layers)]
+    t5 = m.caption_projection[-1](encoder_hidden_states_t5)
+    txt0 = torch.cat([t5, llama[-1]], dim=1)
+    n_txt = txt0.shape[1] + llama[0].shape[1]
+
+    ctx = attention_context(m, rows, cols, n_txt, H, W, hidden_states.device)
+    return img, temb, txt0, llama, ctx
+
+
+def unembed(m, h: torch.Tensor, temb: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    p = m.config.patch_size
+    B, _, H, W = hidden_states.shape
+    rows, cols = H // p, W // p
+    out = m.final_layer(h[:, :rows * cols], temb)
+    return out.reshape(B, rows, cols, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
+
+
+def attention_context(m, rows, cols, n_txt, H, W, device) -> AttentionContext:
+    n_img = rows * cols
+    cos_img, sin_img = m.rope(rows, cols, device)
+    n_rest = 1 + n_txt  # padding token + text tokens: identity rotation
+    cos = torch.cat([cos_img, cos_img.new_ones(n_rest, cos_img.shape[1])])
+    sin = torch.cat([sin_img, sin_img.new_zeros(n_rest, sin_img.shape[1])])
+    n_pad = padding_multiplicity(H, W, n_img, m.config.max_seq, device)
+    one = torch.ones(1, device=device)
+    key_scale = torch.cat([one.expand(n_img), one * 0, one.expand(n_txt)])
+    bias = torch.cat([(one * 0).expand(n_img), torch.log(n_pad).reshape(1), (one * 0).expand(n_txt)])
+    return AttentionContext(cos, sin, key_scale, bias)
 
 
 def double_step(block, img, txt0, llama_i, temb, ctx):
@@ -189,3 +210,85 @@ def padding_multiplicity(H, W, n_img, max_seq, device) -> torch.Tensor:
     """
     h, w, n = (torch.scalar_tensor(v, dtype=torch.float32, device=device) for v in (H, W, n_img))
     return (h != w).float() * (max_seq - n)
+
+
+# ---- the model in parts ------------------------------------------------------------------------------
+# The streaming export traces each kind of part once (hidream_export/export/blockwise.py) and repeats the
+# block parts with each block's weights. Each part holds exactly its own modules, shared with the model,
+# under the checkpoint's key names (a block part holds block 0 of its kind); its forward takes and
+# returns flat tensors, named by INPUTS / OUTPUTS.
+
+CONTEXT = ("cos", "sin", "key_scale", "bias")
+
+
+class Prologue(nn.Module):
+    """Inputs -> image tokens, conditioning, text tokens, attention context, one Llama layer per block."""
+
+    INPUTS = ("hidden_states", "timesteps", "encoder_hidden_states_t5", "encoder_hidden_states_llama3",
+              "pooled_embeds")
+    OUTPUTS = ("img", "temb", "txt0", *CONTEXT)  # then llama.0 .. llama.{num_blocks - 1}
+
+    def __init__(self, model: HiDreamTransformer):
+        super().__init__()
+        self.config = model.config
+        for name in ("t_embedder", "p_embedder", "x_embedder", "caption_projection", "rope"):
+            setattr(self, name, getattr(model, name))
+
+    def forward(self, hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3,
+                pooled_embeds):
+        img, temb, txt0, llama, ctx = embed(self, hidden_states, timesteps, encoder_hidden_states_t5,
+                                            encoder_hidden_states_llama3, pooled_embeds)
+        return (img, temb, txt0, ctx.cos, ctx.sin, ctx.key_scale, ctx.bias, *llama)
+
+
+class DoubleBlockPart(nn.Module):
+    INPUTS = ("img", "txt0", "llama", "temb", *CONTEXT)
+    OUTPUTS = ("img_out", "txt0_out")
+    PREFIX = "double_stream_blocks.0."
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.double_stream_blocks = nn.ModuleList([block])
+
+    def forward(self, img, txt0, llama, temb, cos, sin, key_scale, bias):
+        return double_step(self.double_stream_blocks[0], img, txt0, llama, temb,
+                           AttentionContext(cos, sin, key_scale, bias))
+
+
+class SingleBlockPart(nn.Module):
+    INPUTS = ("h", "llama", "temb", *CONTEXT)
+    OUTPUTS = ("h_out",)
+    PREFIX = "single_stream_blocks.0."
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.single_stream_blocks = nn.ModuleList([block])
+
+    def forward(self, h, llama, temb, cos, sin, key_scale, bias):
+        return single_step(self.single_stream_blocks[0], h, llama, temb, AttentionContext(cos, sin, key_scale, bias))
+
+
+class Epilogue(nn.Module):
+    """Joint tokens after the last block -> the output latent."""
+
+    INPUTS = ("h", "temb", "hidden_states")
+    OUTPUTS = ("sample",)
+
+    def __init__(self, model: HiDreamTransformer):
+        super().__init__()
+        self.config = model.config
+        self.final_layer = model.final_layer
+
+    def forward(self, h, temb, hidden_states):
+        return unembed(self, h, temb, hidden_states)
+
+
+@dataclass
+class TransformerParts:
+    """prologue -> double blocks -> concat(img, txt0) -> single blocks -> epilogue. A block part is None
+    when the config has no block of that kind."""
+
+    prologue: Prologue
+    double: DoubleBlockPart | None
+    single: SingleBlockPart | None
+    epilogue: Epilogue

@@ -3,7 +3,7 @@
 Used by the engine build (before the ONNX parser meets a `hidream::HiDreamMoE` node) and by the runtime
 (before an engine is deserialized). The failure this prevents is the one users hit most with plugins: an
 engine that meets a missing creator at deserialization, where TensorRT only logs "Cannot find plugin" and
-returns None (anchors §6, #3). Here the check happens first, and the error names the plugin, its version,
+returns None. Here the check happens first, and the error names the plugin, its version,
 who needs it and how to get it.
 
 Where plugins come from, in order:
@@ -11,11 +11,11 @@ Where plugins come from, in order:
 1. Plugin libraries listed in the environment variable HIDREAM_PLUGIN_PATH (os.pathsep-separated .so
    files, e.g. a compiled C++ IPluginV3 build of HiDreamMoE), loaded with ctypes like Polygraphy's
    `--plugins` (the library registers its creators statically when loaded).
-2. Our Python plugin (`hidream_export.plugins.trt_plugin.register_plugin()`), for `hidream::HiDreamMoE`
+2. Our Python plugin (`hidream_export.moe.trt_plugin.register_plugin()`), for `hidream::HiDreamMoE`
    when no library provides it. It needs tensorrt, torch and triton (pip install 'hidream-export[gpu,kernels]').
 
 AOT plugins are different at runtime: their kernel is inside the engine, so nothing needs registering to
-deserialize it (requirements marked `"implementation": "aot"` are skipped at runtime, not at build).
+deserialize it (requirements with implementation "aot" are skipped at runtime, not at build).
 
 Torch-free at import: the runtime imports this module.
 """
@@ -23,30 +23,23 @@ Torch-free at import: the runtime imports this module.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from hidream_export.errors import MissingPluginError, TensorRTUnavailable
+from hidream_export.manifest import Component, PluginRequirement, TransformerComponent, TrtEngineComponent
+
 from . import schema
 
 __all__ = [
-    "PLUGIN_PATH_ENV", "INSTALL_HINT", "TensorRTUnavailable", "MissingPluginError", "PluginRequirement",
-    "import_tensorrt", "tensorrt_unavailable_reason", "requirements_from_manifest_entry",
-    "requirements_from_onnx", "plugin_library_paths", "ensure_plugins", "is_registered",
+    "PLUGIN_PATH_ENV", "INSTALL_HINT", "import_tensorrt", "tensorrt_unavailable_reason", "requirements_of",
+    "requirements_from_onnx", "plugin_library_paths", "ensure_plugins", "is_registered", "is_ours",
 ]
 
 PLUGIN_PATH_ENV = "HIDREAM_PLUGIN_PATH"
 INSTALL_HINT = ("pip install 'hidream-export[gpu,kernels]' on a machine with an NVIDIA GPU (TensorRT, Triton and "
                 "PyTorch for the Python plugin)")
-
-
-class TensorRTUnavailable(ImportError):
-    """TensorRT cannot be imported here. The message says what needs it and how to get it."""
-
-
-class MissingPluginError(RuntimeError):
-    """A plugin a graph or engine needs is not registered with TensorRT (and could not be)."""
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -77,55 +70,26 @@ def import_tensorrt(purpose: str = "this"):
 # ================================================================================================
 # What is required
 # ================================================================================================
-@dataclasses.dataclass(frozen=True)
-class PluginRequirement:
-    """One plugin as TensorRT's registry keys it (name, version, namespace), with who needs it and how it
-    is implemented: "jit" (a Python plugin that must be registered wherever the engine runs), "aot" (the
-    kernel is baked into the engine: registration needed to build only), or "library" (a compiled .so)."""
-
-    name: str
-    namespace: str = ""
-    version: str = "1"
-    implementation: str = "jit"
-    needed_by: str = ""
-
-    @property
-    def plugin_id(self) -> str:
-        return f"{self.namespace}::{self.name}" if self.namespace else self.name
-
-    @property
-    def is_ours(self) -> bool:
-        return (self.name, self.namespace) == (schema.OP_TYPE, schema.PLUGIN_NAMESPACE)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | "PluginRequirement", needed_by: str = "") -> "PluginRequirement":
-        if isinstance(d, PluginRequirement):
-            return d
-        name = d.get("name") or d.get("op_type")
-        if not name:
-            raise ValueError(f"plugin requirement {dict(d)} has no name/op_type")
-        return cls(name=str(name), namespace=str(d.get("namespace", d.get("plugin_namespace", "")) or ""),
-                   version=str(d.get("version", d.get("plugin_version", "1")) or "1"),
-                   implementation=str(d.get("implementation", "jit")),
-                   needed_by=str(d.get("needed_by", needed_by) or needed_by))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+def is_ours(req: PluginRequirement) -> bool:
+    """Whether hidream-export itself provides the plugin (the Python HiDreamMoE plugin)."""
+    return (req.name, req.namespace) == (schema.OP_TYPE, schema.PLUGIN_NAMESPACE)
 
 
-def requirements_from_manifest_entry(entry: Mapping[str, Any], needed_by: str = "") -> list[dict]:
-    """Plugins a manifest component needs: a trt_engine entry's "plugins" list, or an ONNX entry's
-    "plugin" (written by the `plugin` MoE export)."""
-    label = needed_by or str(entry.get("path", ""))
-    found = []
-    if entry.get("plugins"):
-        found = [PluginRequirement.from_dict(p, label) for p in entry["plugins"]]
-    elif entry.get("plugin"):
-        found = [PluginRequirement.from_dict(entry["plugin"], label)]
-    return [r.to_dict() for r in found]
+def requirements_of(component: Component, needed_by: str = "") -> list[PluginRequirement]:
+    """Plugins a manifest component needs: a TensorRT engine's `plugins`, or the `plugin` a transformer
+    exported with the `plugin` MoE lowering records."""
+    label = needed_by or component.path
+    if isinstance(component, TrtEngineComponent):
+        found = list(component.plugins)
+    elif isinstance(component, TransformerComponent) and component.plugin is not None:
+        found = [component.plugin]
+    else:
+        found = []
+    return [r if r.needed_by else PluginRequirement(r.name, r.namespace, r.version, r.implementation, label)
+            for r in found]
 
 
-def requirements_from_onnx(model_or_path, needed_by: str = "") -> list[dict]:
+def requirements_from_onnx(model_or_path, needed_by: str = "") -> list[PluginRequirement]:
     """Plugins an ONNX graph needs, by the rule of TensorRT's fallback plugin importer: a node with a
     `plugin_namespace`/`plugin_version` attribute, or in a custom domain without a model-local function,
     is looked up in the registry as (op_type, plugin_version or "1", plugin_namespace or the domain).
@@ -160,7 +124,7 @@ def requirements_from_onnx(model_or_path, needed_by: str = "") -> list[dict]:
     visit(model.graph.node)
     for f in model.functions:
         visit(f.node)
-    return [r.to_dict() for r in seen.values()]
+    return list(seen.values())
 
 
 # ================================================================================================
@@ -259,11 +223,11 @@ def ensure_plugins(required: Iterable[Mapping[str, Any] | PluginRequirement], *,
         found = _find_creator(registry, req) is not None
         # Building an AOT engine needs our Python plugin's aot_impl even if its creator is already there
         # (registered earlier for JIT); registration is idempotent. A library from HIDREAM_PLUGIN_PATH wins.
-        add_aot = aot and req.is_ours and not paths
+        add_aot = aot and is_ours(req) and not paths
         if found and not add_aot:
             status.append({**req.to_dict(), "source": "library" if paths else "already registered"})
             continue
-        if req.is_ours and req.version == schema.PLUGIN_VERSION:
+        if is_ours(req) and req.version == schema.PLUGIN_VERSION:
             try:
                 if register_python is None:
                     from .trt_plugin import register_plugin
@@ -275,12 +239,13 @@ def ensure_plugins(required: Iterable[Mapping[str, Any] | PluginRequirement], *,
                 tried[req.plugin_id] = f"the Python plugin could not be registered: {exc}"
             else:
                 if _find_creator(registry, req) is not None:
-                    status.append({**req.to_dict(), "source": "python (hidream_export.plugins.trt_plugin)"})
+                    status.append({**req.to_dict(), "source": "python (hidream_export.moe.trt_plugin)"})
                     continue
                 tried[req.plugin_id] = "the Python plugin was registered but the registry still lacks it"
         status.append({**req.to_dict(), "source": None})
 
-    missing = [PluginRequirement.from_dict(s) for s in status if s["source"] is None]
+    missing = [PluginRequirement.from_dict({k: v for k, v in s.items() if k != "source"})
+               for s in status if s["source"] is None]
     if missing:
         raise MissingPluginError(_missing_message(missing, tried, paths, registry))
     return status
@@ -294,7 +259,7 @@ def _missing_message(missing: list[PluginRequirement], tried: Mapping[str, str],
         lines.append(f"TensorRT plugin {req.plugin_id} version {req.version} is not registered{need}.")
         if req.plugin_id in tried:
             lines.append(f"  tried: {tried[req.plugin_id]}")
-        elif not req.is_ours:
+        elif not is_ours(req):
             lines.append("  this is not a hidream-export plugin: load the library that provides it")
         elif req.version != schema.PLUGIN_VERSION:
             lines.append(f"  this hidream-export provides version {schema.PLUGIN_VERSION}; rebuild the engine with "

@@ -43,9 +43,7 @@ import triton.language as tl
 
 from . import schema
 
-__all__ = ["MoETileConfig", "MoEAlignment", "default_config", "align_by_expert", "moe_experts_triton", "interpreting"]
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["MoETileConfig", "MoEAlignment", "default_config", "align_by_expert", "moe_triton", "interpreting"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,23 +319,7 @@ def _combine_kernel(
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
-def _check_inputs(hidden, selected_experts, scores, gate_w, up_w, down_w) -> schema.MoEShapes:
-    shapes = schema.infer_shapes(hidden.shape, selected_experts.shape, scores.shape,
-                                 gate_w.shape, up_w.shape, down_w.shape)
-    if hidden.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{schema.OP_TYPE}: hidden_states dtype {hidden.dtype} not in {_SUPPORTED_DTYPES}")
-    for name, t in (("scores", scores), ("gate_weights", gate_w), ("up_weights", up_w), ("down_weights", down_w)):
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{schema.OP_TYPE}: {name} is {t.dtype}, hidden_states is {hidden.dtype}")
-    if selected_experts.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{schema.OP_TYPE}: selected_experts must be int32, got {selected_experts.dtype}")
-    devices = {t.device for t in (hidden, selected_experts, scores, gate_w, up_w, down_w)}
-    if len(devices) != 1:
-        raise ValueError(f"{schema.OP_TYPE}: inputs are on several devices: {sorted(map(str, devices))}")
-    return shapes
-
-
-def moe_experts_triton(hidden: torch.Tensor, selected_experts: torch.Tensor, scores: torch.Tensor,
+def moe_triton(hidden: torch.Tensor, selected_experts: torch.Tensor, scores: torch.Tensor,
                        gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
                        config: MoETileConfig | None = None) -> torch.Tensor:
     """The `HiDreamMoE` op with Triton kernels: (T, H) hidden, (T, k) ids/scores, stacked expert weights
@@ -345,7 +327,7 @@ def moe_experts_triton(hidden: torch.Tensor, selected_experts: torch.Tensor, sco
 
     Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported.
     No host synchronisation: only shapes decide the launch grids. Any strides are accepted."""
-    s = _check_inputs(hidden, selected_experts, scores, gate_w, up_w, down_w)
+    s = schema.check_tensors(hidden, selected_experts, scores, gate_w, up_w, down_w)
     T, H, I, E, k = s.tokens, s.hidden, s.intermediate, s.num_experts, s.top_k
     out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
     if T == 0 or k == 0:
