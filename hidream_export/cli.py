@@ -58,8 +58,11 @@ def _cmd_export(args) -> int:
         print(f"{result.out_dir / c.path} is up to date (same checkpoint and settings): reused")
         return 0
     r = c.size_range
-    print(f"wrote {result.out_dir / c.path} (+ external data), {c.initializers} initializers, moe={c.moe_lowering}, "
-          f"dtype={c.dtype}, opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
+    computed = sum(1 for v in c.initializer_map.values() if v.startswith("computed:"))
+    print(f"wrote {result.out_dir / c.path} (+ external data): {len(c.initializer_map)} weights "
+          f"({len(c.initializer_map) - computed} from the checkpoint, {computed} computed) and "
+          f"{c.initializers - len(c.initializer_map)} small constants, moe={c.moe_lowering}, dtype={c.dtype}, "
+          f"opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
           f"{c.batch_range[0]}..{c.batch_range[1]}, {c.extra.get('export_seconds')} s")
     return 0
 
@@ -67,9 +70,10 @@ def _cmd_export(args) -> int:
 def _cmd_compare(args) -> int:
     from hidream_export.compare.parity import compare_onnx
 
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     report = compare_onnx(args.checkpoint, args.model, sizes=args.sizes, batch=args.batch, seed=args.seed,
                           atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, save_dir=args.save_dir,
-                          config=args.config)
+                          config=args.config, providers=providers)
     print(report.format())
     return 0 if report.passed else 1
 
@@ -117,13 +121,17 @@ def _generate_options(args):
         seed=args.seed, steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height,
         any_size=args.any_size, scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=providers,
         threads=args.threads, verify=not args.no_verify, progress=False if args.quiet else None,
-        report_json=Path(args.json) if args.json else None)
+        report_json=Path(args.json) if args.json else None, allow_cfg=args.allow_cfg)
 
 
 def _print_generated(done, quiet: bool) -> None:
+    """What changed from the request and the seed always reach the user (stderr): an image that cannot be
+    made again, or a size that changed without a word, is worse than one more line."""
     result = done.result
+    for note in result.info.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     if quiet:
-        print(f"seed {result.seed}")
+        print(f"seed {result.seed}", file=sys.stderr)
         return
     cfg = f", guidance {result.guidance_scale:g}" if result.info.get("cfg") else ""
     print(f"wrote {done.output}: {result.width}x{result.height}, {result.steps} steps{cfg}, seed {result.seed}, "
@@ -206,6 +214,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's recipe)")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale; CFG runs when > 1 (default: the variant's recipe)")
+    p.add_argument("--allow-cfg", action="store_true",
+                   help="allow --guidance > 1 on a guidance-distilled variant (Dev, Fast): twice the work per step")
     p.add_argument("--width", type=int, default=None, help="image width in px (multiple of 16)")
     p.add_argument("--height", type=int, default=None, help="image height in px (multiple of 16)")
     p.add_argument("--any-size", action="store_true",
@@ -270,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", default=None,
                    help="write inputs.json and reference_outputs.json (Polygraphy formats) into this folder")
     p.add_argument("--config", help="preset or config.json (single-file checkpoints)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated onnxruntime execution providers (default CPUExecutionProvider; bf16 "
+                        "exports need CUDAExecutionProvider)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("build", parents=[common], help="export every component of a variant into one engine folder")

@@ -52,7 +52,7 @@ def _check_tensorrt() -> dict:
         wheel = _dist_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13")
         why = (f"installed ({wheel}) but not importable: {reason}" if wheel else
                f"not installed ({reason}); {_GPU_EXTRA} on a machine with an NVIDIA GPU (PyPI's tensorrt wheels "
-               "fetch their libraries from NVIDIA's index, unreachable on the CI machines)")
+               "fetch their libraries from NVIDIA's own package index, which this machine must be able to reach)")
         return _item(False, wheel, why)
     import tensorrt
 

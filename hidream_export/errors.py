@@ -65,6 +65,10 @@ class MissingPluginError(HiDreamExportError, RuntimeError):
     """A plugin a graph or engine needs is not registered with TensorRT (and could not be)."""
 
 
+class OutputExists(HiDreamExportError, FileExistsError):
+    """An output path holds something hidream-export did not write and will not replace."""
+
+
 class FolderLocked(HiDreamExportError, RuntimeError):
     """Another hidream-export run is writing the same output folder."""
 

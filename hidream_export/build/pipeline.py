@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from hidream_export.errors import ExportError
+from hidream_export.errors import ExportError, HiDreamExportError, one_line
 from hidream_export.export import encoders as encoders_mod
 from hidream_export.export import tokenizers as tokenizers_mod
 from hidream_export.export import vae as vae_mod
@@ -83,6 +83,7 @@ class SharedComponent:
     source_files: list[Path]
     settings: dict  # export settings: part of the key
     produce: Callable[[Path], dict]  # writes `files` into an empty folder, returns the manifest fields
+    check: Callable[[], object]  # reads the source's config/tokenizer: fails fast, before any export
     source_hash: str = ""
     key: str = ""
 
@@ -147,14 +148,16 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
         plan.append(SharedComponent(
             name, name, ONNX_NAME, onnx_files, folder, model_source_files(folder, what), settings,
             lambda out, n=name, f=folder: encoders_mod.export_encoder(n, f, out, dtype=encoder_dtype, opset=opset,
-                                                                      exporter=exporter)))
+                                                                      exporter=exporter),
+            lambda n=name, f=folder: encoders_mod.load_config(n, f)))
 
     vae_dir = _subfolder(checkpoint, "vae", "VAE")
     plan.append(SharedComponent(
         "vae_decoder", "vae_decoder", ONNX_NAME, onnx_files, vae_dir, vae_mod.vae_source_files(vae_dir),
         {"recipe": vae_mod.RECIPE_VERSION, "opset": opset, "exporter": exporter,
          "latent_range": [vae_mod.LATENT_MIN, vae_mod.LATENT_MAX], "max_batch": MAX_VAE_BATCH},
-        lambda out: vae_mod.export_vae_decoder(vae_dir, out, opset=opset, exporter=exporter)))
+        lambda out: vae_mod.export_vae_decoder(vae_dir, out, opset=opset, exporter=exporter),
+        lambda: vae_mod.load_config(vae_dir)))
 
     for name, spec in tokenizers_mod.TOKENIZERS.items():
         if spec.subfolder is None:
@@ -166,8 +169,19 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
         plan.append(SharedComponent(
             spec.component, f"tokenizers/{name}", tokenizers_mod.TOKENIZER_FILE, (tokenizers_mod.TOKENIZER_FILE,),
             folder, tokenizers_mod.tokenizer_source_files(folder, what), settings,
-            lambda out, n=name, f=folder: tokenizers_mod.convert_tokenizer(n, f, out)))
+            lambda out, n=name, f=folder: tokenizers_mod.convert_tokenizer(n, f, out),
+            lambda n=name, f=folder: tokenizers_mod.load_reference_tokenizer(n, f)))
     return plan
+
+
+def _check_source(comp: SharedComponent) -> None:
+    try:
+        comp.check()
+    except HiDreamExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers/diffusers/tokenizers raise anything on a bad folder
+        raise ExportError(f"{comp.source}: the {comp.name} source cannot be read ({type(exc).__name__}: "
+                          f"{one_line(exc)[:300]})") from None
 
 
 # ---- the shared store ------------------------------------------------------------------------------------
@@ -395,11 +409,12 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
             print(f"notice: --trt: TensorRT is not available ({trt_missing.splitlines()[0]}); building the ONNX "
                   f"folder only", file=sys.stderr)
 
-    # Every source is checked (and hashed) before the transformer export, which can take an hour.
+    # Every source is checked (read and hashed) before the transformer export, which can take an hour.
     plan = plan_shared_components(checkpoint, llama, encoder_dtype=encoder_dtype, opset=opset, exporter=exporter)
     scheduler_config = _read_scheduler(checkpoint)
     check_out_dir(out_dir, [checkpoint, *{comp.source for comp in plan}])
     for comp in plan:
+        _check_source(comp)
         comp.compute_key()
 
     with folder_lock(out_dir):

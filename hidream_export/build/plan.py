@@ -465,6 +465,11 @@ def make_build_plan(manifest: "Manifest | Mapping[str, Any]", folder: str | Path
         notes.append("TensorRT 11.3's release notes list a known issue: BuilderFlag.REFIT may drop a GEMM bias "
                      "(REFIT_IDENTICAL does not); compare refit engines against the golden outputs "
                      "(tools/gpu_check.sh does)")
+    if transformer is not None and TRANSFORMER in onnx_names and transformer.moe_lowering in ("gather", "dense"):
+        notes.append(f"the transformer was exported with --moe {transformer.moe_lowering}: "
+                     + ("data-dependent shapes (NonZero/ScatterND) that TensorRT builds slowly and fuses poorly"
+                        if transformer.moe_lowering == "gather" else "every expert on every token")
+                     + "; --moe plugin is the lowering made for TensorRT (one HiDreamMoE plugin node per layer)")
     if plugin_impl == "aot" and any(e.plugins for e in engines):
         notes.append("AOT plugin: a single-launch kernel that recomputes the expert gate/up products per output "
                      "tile (exact, slower than the JIT pipeline); the engine then needs no Python at runtime")

@@ -119,6 +119,10 @@ def _trace_part(name, module, args, dims, input_names, output_names, spec: Expor
     proto.ClearField("graph")
     for node in graph.node:
         del node.metadata_props[:]
+    # The exporter's graph metadata (the ExportedProgram's signature and range constraints) would be repeated
+    # once per block, and its range constraints come out in hash order: model.onnx must be the same bytes
+    # for the same checkpoint and settings in any process.
+    del graph.metadata_props[:]
     del graph.value_info[:]
     return Part(name, graph, info, proto)
 

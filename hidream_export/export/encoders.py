@@ -106,6 +106,13 @@ def _wrappers():
     return ClipTextEmbeds, T5LastHiddenState, LlamaHiddenStates
 
 
+def load_config(name: str, folder: str | Path):
+    """Encoder `name`'s config from its folder (cheap: what a build checks before any export starts)."""
+    cls, _ = _encoder_class_and_kwargs(name)
+    with _quiet_transformers():
+        return cls.config_class.from_pretrained(str(folder))
+
+
 def load_encoder(name: str, folder: str | Path, dtype: str = "fp32"):
     """Load encoder `name` from its folder and wrap it; returns (wrapped module in eval mode, its config)."""
     import transformers

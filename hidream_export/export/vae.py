@@ -33,6 +33,16 @@ def vae_source_files(folder: str | Path) -> list[Path]:
     return model_source_files(Path(folder), "VAE")
 
 
+def load_config(folder: str | Path) -> dict:
+    """The AutoencoderKL config in `folder` (what a build checks before any export starts)."""
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.load_config(str(folder))
+    if config.get("scaling_factor") is None:
+        raise ExportError(f"{folder}/config.json: no scaling_factor")
+    return config
+
+
 def load_vae_decoder(folder: str | Path):
     """The AutoencoderKL in `folder`, wrapped so one call goes from sampler latent to [0, 1] image.
 

@@ -29,6 +29,9 @@ from hidream_export.errors import PluginRegistrationError
 from . import schema
 from .tactics import AOT_TACTICS, find_tactic
 
+# Pinned as in kernels.py: the AOT kernel is validated with FP fusion on.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 try:  # Triton is optional: the rest of the package works without it.
     import triton
     import triton.language as tl

@@ -35,13 +35,18 @@ Set TRITON_INTERPRET=1 before importing this module to run the kernels on CPU te
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-import torch
-import triton
-import triton.language as tl
+# The kernels are validated with FP fusion on (Triton 3.9's default, which 3.10 changes): pin it, so a newer
+# Triton keeps their numbers, and Triton does not warn at every compile.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from . import schema
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from . import schema  # noqa: E402
 
 __all__ = ["MoETileConfig", "MoEAlignment", "default_config", "align_by_expert", "moe_triton", "interpreting"]
 

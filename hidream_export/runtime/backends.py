@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from hidream_export.errors import BackendUnavailable, ManifestError, RequestError
-from hidream_export.manifest import Component, Manifest, OnnxComponent
+from hidream_export.manifest import Component, Manifest, OnnxComponent, TransformerComponent
 
 __all__ = [
     "Backend",
@@ -182,6 +182,23 @@ def _copy_bfloat16(value: Any) -> np.ndarray:
     return words.view(_bfloat16_dtype()).reshape(shape)
 
 
+# Transformer exports ONNX Runtime's CPU provider cannot run, and why: refused before a session is made,
+# instead of an INVALID_GRAPH error from deep inside onnxruntime.
+CPU_PROVIDER_LIMITS = {
+    "bf16": "ONNX Runtime's CPU provider has no bfloat16 kernel for TopK (the MoE routing)",
+}
+
+
+def check_providers(entry: Component, providers, path) -> None:
+    """Refuse, in one line, a transformer export the requested execution providers cannot run."""
+    names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+    why = CPU_PROVIDER_LIMITS.get(getattr(entry, "dtype", None)) if isinstance(entry, TransformerComponent) else None
+    if why and all(n == "CPUExecutionProvider" for n in names):
+        raise BackendUnavailable(f"{path}: a {entry.dtype} transformer does not run on {names}: {why}; use "
+                                 f"--providers CUDAExecutionProvider on a GPU with onnxruntime-gpu, or export "
+                                 f"--dtype fp16 or fp32")
+
+
 class OrtBackend(Backend):
     """onnxruntime with a list of execution providers.
 
@@ -233,6 +250,7 @@ class OrtBackend(Backend):
     def load(self, path: Path, entry: Component) -> OrtSession:
         if not isinstance(entry, OnnxComponent):
             raise ManifestError(f"the ort backend runs ONNX components, not kind {entry.kind!r} ({path})")
+        check_providers(entry, self.providers, path)
         # From the path (not bytes), so onnxruntime finds the external weights next to the model.
         try:
             session = self._ort.InferenceSession(str(path), sess_options=self.session_options(),

@@ -36,6 +36,7 @@ class GenerateOptions:
     verify: bool = True
     progress: bool | None = None  # None: a bar on a terminal
     report_json: Path | None = None
+    allow_cfg: bool = False
 
 
 @dataclass
@@ -83,7 +84,7 @@ def generate_to_file(options: GenerateOptions) -> GenerateResult:
                              verify=options.verify, progress=options.progress)
     result = pipe(options.prompt, negative_prompt=options.negative_prompt, width=options.width,
                   height=options.height, steps=options.steps, guidance_scale=options.guidance_scale,
-                  seed=options.seed, any_size=options.any_size)
+                  seed=options.seed, any_size=options.any_size, allow_cfg=options.allow_cfg)
     # A fresh unpredictable temporary file beside the output, renamed over it; PIL picks the format by suffix.
     with atomic_open(output, "wb", suffix=output.suffix) as fh:
         result.image.save(fh, format=_pil_format(output))

@@ -253,7 +253,7 @@ class Pipeline:
                  seed: int | None = None, *, any_size: bool = False, return_latents: bool = False,
                  callback: Callable[[int, Any, np.ndarray], Any] | None = None,
                  latents: np.ndarray | None = None, noise: Sequence[np.ndarray | None] | None = None,
-                 progress: bool | None = None) -> GenerationResult:
+                 progress: bool | None = None, allow_cfg: bool = False) -> GenerationResult:
         """Generate one image.
 
         ``steps``/``guidance_scale`` default to the variant's recipe (Full 50/5.0, Dev 28/0, Fast 16/0);
@@ -263,22 +263,25 @@ class Pipeline:
         scheduler, so a seed gives the same image bit for bit on one backend and machine. ``seed=None``
         picks one at random; the result records it. ``latents``/``noise`` (one array per step) replace
         those draws, for comparisons with other implementations. ``callback(i, timestep, latents)`` runs
-        after each step with a read-only view of the latents (raise to stop). A negative prompt is
-        ignored without CFG, as in the reference pipelines. ``progress``: tqdm bar (None: only on a terminal).
+        after each step with a read-only view of the latents (raise to stop). A negative prompt has no
+        effect without CFG, as in the reference pipelines. ``progress``: tqdm bar (None: only on a terminal).
+        CFG on a guidance-distilled variant (Dev, Fast) is refused unless ``allow_cfg``. What the request
+        asked for and did not get as asked (a rescaled size, an unused negative prompt) is listed in
+        ``result.info["notes"]``.
 
         Every argument is checked before any model runs.
         """
         with self._lock:
             return self._generate(prompt, negative_prompt, width, height, steps, guidance_scale, seed,
-                                  any_size, return_latents, callback, latents, noise, progress)
+                                  any_size, return_latents, callback, latents, noise, progress, allow_cfg)
 
     def _generate(self, prompt, negative_prompt, width, height, steps, guidance_scale, seed, any_size,
-                  return_latents, callback, latents, noise, progress) -> GenerationResult:
+                  return_latents, callback, latents, noise, progress, allow_cfg=False) -> GenerationResult:
         timings = Timings()
         t_start = time.perf_counter()
         with timings.measure("validate"):
             req = self._check_request(prompt, negative_prompt, width, height, steps, guidance_scale, seed,
-                                      any_size, callback, latents, noise)
+                                      any_size, callback, latents, noise, allow_cfg)
         scheduler, w, h, cfg = req["scheduler"], req["width"], req["height"], req["cfg"]
         info = self.transformer_info
         shape = (1, info.in_channels, h // VAE_SCALE, w // VAE_SCALE)
@@ -344,10 +347,11 @@ class Pipeline:
             negative_prompt=req["negative_prompt"] if cfg else None, timings=timings,
             latents=x if return_latents else None,
             info={"variant": self.variant.name, "scheduler": f"{type(scheduler).__name__} ({self.scheduler_flavour})",
-                  "backend": self.backend.describe(), "cfg": cfg, "any_size": bool(any_size)})
+                  "backend": self.backend.describe(), "cfg": cfg, "any_size": bool(any_size),
+                  "notes": req["notes"]})
 
     def _check_request(self, prompt, negative_prompt, width, height, steps, guidance_scale, seed, any_size,
-                       callback, latents, noise) -> dict[str, Any]:
+                       callback, latents, noise, allow_cfg=False) -> dict[str, Any]:
         """Every argument, checked before anything runs; returns the resolved request."""
         if not isinstance(prompt, str):
             raise RequestError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -361,11 +365,26 @@ class Pipeline:
                 or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise RequestError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         cfg = guidance_scale > 1.0
+        notes = []  # what the request asked for and did not get as asked (reported, never silent)
+        if cfg and not self.variant.uses_cfg:
+            if not allow_cfg:
+                raise RequestError(
+                    f"guidance_scale={guidance_scale:g}: HiDream-I1-{self.variant.name.capitalize()} is guidance-"
+                    f"distilled (its recipe runs no CFG); CFG would run the transformer on two rows per step for a "
+                    f"model not trained for it; pass allow_cfg=True (--allow-cfg) to run it anyway")
+            notes.append(f"CFG with guidance {guidance_scale:g} on the guidance-distilled {self.variant.name} variant "
+                         f"(twice the transformer work per step)")
+        if negative_prompt and not cfg:
+            notes.append("negative prompt unused: it only acts through CFG (guidance > 1), and this run has none")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise RequestError(f"seed must be a non-negative integer or None, got {seed!r}")
         if callback is not None and not callable(callback):
             raise RequestError(f"callback must be callable, got {type(callback).__name__}")
         w, h = self.resolve_size(width, height, any_size)
+        if (width or height) and (width or w, height or h) != (w, h):
+            notes.append(f"size {width or w}x{height or h} rescaled to {w}x{h} (this model's area of "
+                         f"{self.transformer_info.default_side}x{self.transformer_info.default_side} px, multiples of "
+                         f"{SIZE_MULTIPLE}); --any-size keeps the size as given")
 
         info = self.transformer_info
         rows = 2 if cfg else 1
@@ -395,7 +414,7 @@ class Pipeline:
             seed = secrets.randbits(63)  # reported in the result, so the image can be made again
         return {"scheduler": scheduler, "width": w, "height": h, "cfg": cfg, "guidance_scale": guidance_scale,
                 "negative_prompt": "" if negative_prompt is None else negative_prompt,
-                "seed": None if seed is None else int(seed)}
+                "seed": None if seed is None else int(seed), "notes": notes}
 
     def _progress_bar(self, total: int, progress: bool | None):
         enabled = self.progress if progress is None else progress

@@ -98,7 +98,9 @@ class PromptTokenizer:
         if not encoding.overflowing:
             return None
         pieces = [self.tokenizer.decode(o.ids, skip_special_tokens=True) for o in encoding.overflowing]
-        return " ".join(p.strip() for p in pieces if p.strip()) or "(special tokens)"
+        # A tokenizer.json without a decoder hands back raw byte-level pieces: make them readable.
+        text = " ".join(p.strip() for p in pieces if p.strip()).replace("</w>", " ").replace("\u0120", " ")
+        return " ".join(text.split()) or "(special tokens)"
 
 
 @dataclass
@@ -143,9 +145,10 @@ class TextEncoders:
             limit = self.tokenizers[where[0][0]].max_length
             # The longest dropped part (the tokenizer that keeps least) says most about what was lost.
             lost = max((d for _, d in where), key=len)
+            shown = lost if len(lost) <= 60 else f"{lost[:60]}... ({len(lost)} characters)"
             warnings.warn(
-                f"prompt {prompts[k][:40]!r}... is longer than {limit} tokens for {names}; this part was "
-                f"truncated: {lost!r}", PromptTruncatedWarning, stacklevel=stacklevel)
+                f"prompt {prompts[k][:40]!r}... is longer than {limit} tokens for {names}; the end was dropped: "
+                f"{shown!r}", PromptTruncatedWarning, stacklevel=stacklevel)
         return tokens
 
     def _run(self, name: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from hidream_export.errors import OutputExists
 from hidream_export.files import staged_dir, swap_dir
 from hidream_export.model.config import TransformerConfig, resolve_config
 from hidream_export.testing.checkpoints import write_transformer
@@ -108,9 +109,10 @@ def write_model_folder(out_dir: str | Path, variant: str = "full", preset: "str 
     config = resolve_config(preset)
     sizes = EncoderSizes.for_transformer(config)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise OutputExists(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExists(f"{out} is not empty; pass overwrite=True (--overwrite) to replace it, or choose "
+                           f"another folder")
 
     tmp = staged_dir(out.parent, out.name)
     try:
