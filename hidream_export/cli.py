@@ -347,18 +347,23 @@ def _quiet_libraries(verbose: bool):
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     own = logging.getLogger("hidream_export")
+    handler = logging.StreamHandler(sys.stderr)  # this command's stderr (main may run many times in one process)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = own.level, own.propagate
     own.setLevel(logging.INFO)
     own.propagate = False
-    if not own.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        own.addHandler(handler)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from hidream_export.runtime.text import PromptTruncatedWarning
+    own.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from hidream_export.runtime.text import PromptTruncatedWarning
 
-        warnings.simplefilter("always", PromptTruncatedWarning)  # the user's prompt was cut: always say so
-        yield
+            warnings.simplefilter("always", PromptTruncatedWarning)  # the user's prompt was cut: always say so
+            yield
+    finally:
+        own.removeHandler(handler)
+        own.setLevel(saved[0])
+        own.propagate = saved[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,15 +227,19 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tiny_transformer_dir, tmp_pa
         assert not (tmp_path / o).exists()  # refused before anything was written
 
 
-def test_out_dir_holding_another_checkpoint_is_refused(tiny_transformer_dir, tmp_path, capsys):
+def test_out_dir_holding_another_checkpoint_is_refused(tiny_export, tiny_transformer_dir, tmp_path, capsys):
+    out = shutil.copytree(tiny_export("dense", "dev")[0], tmp_path / "out")
     other = tmp_path / "other"
     write_transformer(other / "transformer", "tiny", seed=7)
-    out = tmp_path / "out"
-    export_transformer(other, "dev", out, moe="dense")
     before = sha256_file(out / "transformer" / "model.onnx.data")
-    err = _cli_error(capsys, ["export", str(tiny_transformer_dir), "--variant", "dev", "--out", str(out)])
+    err = _cli_error(capsys, ["export", str(other), "--variant", "dev", "--moe", "dense", "--out", str(out)])
     assert "holds an export of another checkpoint" in err
     assert sha256_file(out / "transformer" / "model.onnx.data") == before
+    # the same checkpoint with other settings is refused the same way (and the dry run says so too)
+    for extra in ([], ["--dry-run"]):
+        err = _cli_error(capsys, ["export", str(tiny_transformer_dir), "--variant", "dev", "--moe", "gather",
+                                  "--out", str(out), *extra])
+        assert "exported with other settings (moe 'dense' -> 'gather')" in err and "--force" in err
     # compare refuses sizes outside the exported range, naming it
     err = _cli_error(capsys, ["compare", str(other), str(out / "transformer" / "model.onnx"), "--sizes", "512x512"])
     assert "outside the exported range 128x128 .. 336x336" in err
