@@ -26,16 +26,18 @@ sys.path.insert(0, str(REPO))
 INPUT_ORDER = ("hidden_states", "timesteps", "encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_embeds")
 
 
-def _manifest(folder: Path) -> dict:
-    """The folder's manifest as JSON (this script reads a few fields of it)."""
-    return json.loads((Path(folder) / "manifest.json").read_text())
+def _manifest(folder: Path):
+    """The folder's typed manifest (hidream_export.manifest owns the format)."""
+    from hidream_export.manifest import Manifest
+
+    return Manifest.read(folder)
 
 
 def _transformer(folder: Path):
-    """The typed transformer entry (what compare.random_feed takes)."""
-    from hidream_export.manifest import Manifest
+    """The typed transformer entry: dtype, size_range, batch_multiple, and what compare.random_feed takes."""
+    from hidream_export.manifest import TRANSFORMER, TransformerComponent
 
-    return Manifest.read(folder).transformer
+    return _manifest(folder).component(TRANSFORMER, TransformerComponent, folder)
 
 
 def cmd_build(args) -> int:
@@ -87,11 +89,13 @@ def cmd_goldens(args) -> int:
     from polygraphy.json import load_json, save_json
 
     folder, out_dir = Path(args.folder), Path(args.out_dir)
-    entry = _manifest(folder)["components"]["transformer"]
-    dtype = entry["dtype"]
+    entry = _transformer(folder)
+    dtype = entry.dtype
     feeds, refs = None, None
     try:
-        import ml_dtypes  # noqa: F401  (lets numpy read compare's bf16 arrays)
+        import ml_dtypes
+
+        del ml_dtypes  # imported for its side effect: numpy can then read compare's bf16 arrays
     except ImportError:
         pass
     if (out_dir / "inputs.json").exists() and (out_dir / "reference_outputs.json").exists():
@@ -111,9 +115,9 @@ def cmd_goldens(args) -> int:
         from hidream_export.model.checkpoint import load_transformer
         from hidream_export.variants import parse_size
 
-        w, h = parse_size(args.size) if args.size else tuple(entry["size_range"]["opt"])
-        batch = args.batch or entry["batch_multiple"]
-        feed = random_feed(_transformer(folder), w, h, batch, seed=0)
+        w, h = parse_size(args.size) if args.size else entry.size_range.opt
+        batch = args.batch or entry.batch_multiple
+        feed = random_feed(entry, w, h, batch, seed=0)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_transformer(args.checkpoint, dtype=torch.float32, moe_lowering="reference",
                                  rope_dtype="float64").to(device)
@@ -138,10 +142,9 @@ def cmd_goldens(args) -> int:
 
 
 def _register_plugins(folder: Path) -> None:
-    from hidream_export.manifest import Manifest
     from hidream_export.moe.loader import ensure_plugins, requirements_of
 
-    print(ensure_plugins(requirements_of(Manifest.read(folder).components["transformer"]), phase="build"))
+    print(ensure_plugins(requirements_of(_transformer(folder)), phase="build"))
 
 
 def _polygraphy(argv: list[str]) -> int:
@@ -172,8 +175,7 @@ def cmd_polygraphy_onnx(args) -> int:
     _register_plugins(folder)
     from hidream_export.build.plan import write_prepared_onnx
 
-    entry = _manifest(folder)["components"]["transformer"]
-    prepared = write_prepared_onnx(folder / entry["path"])
+    prepared = write_prepared_onnx(_manifest(folder).file_path(folder, "transformer"))
     return _polygraphy(["run", str(prepared), "--trt", "--strongly-typed", *_shape_args(Path(args.inputs)),
                         "--load-inputs", args.inputs, "--load-outputs", args.outputs, "--atol", str(args.atol),
                         "--rtol", "0", "--check-error-stat", "median"])
@@ -183,11 +185,12 @@ def cmd_polygraphy_engine(args) -> int:
     folder = Path(args.folder)
     _register_plugins(folder)
     manifest = _manifest(folder)
-    engine = manifest["components"].get("transformer_trt")
-    if engine is None:
-        print("no transformer_trt engine in the manifest; run the build step first", file=sys.stderr)
+    found = manifest.engine_for("transformer")
+    if found is None:
+        print(f"{folder / 'manifest.json'}: no TensorRT engine for the transformer; run the build step first",
+              file=sys.stderr)
         return 2
-    return _polygraphy(["run", str(folder / engine["path"]), "--model-type", "engine", "--trt",
+    return _polygraphy(["run", str(manifest.file_path(folder, found[0])), "--model-type", "engine", "--trt",
                         "--load-inputs", args.inputs, "--load-outputs", args.outputs, "--atol", str(args.atol),
                         "--rtol", "0", "--check-error-stat", "median"])
 
@@ -212,18 +215,18 @@ def cmd_bench(args) -> int:
     import numpy as np
     import torch
 
-    import hidream_export.moe  # noqa: F401  (defines torch.ops.hidream.HiDreamMoE, which `plugin` calls)
+    import hidream_export.moe.torch_op  # noqa: F401  (defines torch.ops.hidream.HiDreamMoE, which `plugin` calls)
     from hidream_export.compare.parity import random_feed
     from hidream_export.model.checkpoint import load_transformer
     from hidream_export.runtime.trt_backend import TrtBackend
 
     folder = Path(args.folder)
     manifest = _manifest(folder)
-    entry = manifest["components"]["transformer"]
-    w, h = entry["size_range"]["opt"]
-    batch = entry["batch_multiple"]
-    feed = random_feed(_transformer(folder), w, h, batch, seed=1)
-    dtype = _torch_dtype(entry["dtype"])
+    entry = _transformer(folder)
+    w, h = entry.size_range.opt
+    batch = entry.batch_multiple
+    feed = random_feed(entry, w, h, batch, seed=1)
+    dtype = _torch_dtype(entry.dtype)
     inputs = [torch.from_numpy(feed[n]).cuda() for n in INPUT_ORDER]
     inputs = [t if n == "timesteps" else t.to(dtype) for n, t in zip(INPUT_ORDER, inputs)]
     rows, outs = [], {}
@@ -231,13 +234,14 @@ def cmd_bench(args) -> int:
         model = load_transformer(args.checkpoint, dtype=dtype, device="cuda", moe_lowering=lowering,
                                  rope_dtype="float32")
         with torch.no_grad():
-            ms = _time_cuda(lambda: model(*inputs), args.warmup, args.iters)
+            ms = _time_cuda(lambda m=model: m(*inputs), args.warmup, args.iters)
             outs[label] = model(*inputs).float().cpu().numpy()
         rows.append((label, ms, None))
         del model
         torch.cuda.empty_cache()
     backend = TrtBackend()
-    session = backend.load(folder, manifest["components"][backend.component_key(manifest, "transformer")])
+    key = backend.component_key(manifest, "transformer")
+    session = backend.load(manifest.file_path(folder, key), manifest.components[key])
     for _ in range(args.warmup):
         session.run(feed)
     session.timings.clear()
@@ -250,7 +254,7 @@ def cmd_bench(args) -> int:
     rows.append(("tensorrt engine", ms, compute))
     base = rows[0][1]
     ref = outs["pytorch eager bf16"]
-    print(f"\ntransformer step at {w}x{h}, batch {batch}, {entry['dtype']} ({args.iters} iterations after {args.warmup} "
+    print(f"\ntransformer step at {w}x{h}, batch {batch}, {entry.dtype} ({args.iters} iterations after {args.warmup} "
           f"warm-up), {torch.cuda.get_device_name()}")
     print(f"| {'backend':<22} | {'ms/step':>9} | {'speed-up':>8} | {'max|err|/max|eager|':>20} | {'cosine':>8} | "
           f"{'TRT compute ms':>14} |")

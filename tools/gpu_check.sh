@@ -1,42 +1,48 @@
 #!/usr/bin/env bash
-# One-command GPU check of the TensorRT path, for one H100/H200 (about 10 minutes with the `small` preset,
-# most of it the first install). Idempotent: re-running reuses the environment, checkpoint, export and
-# engines when they are up to date.
+# One-command GPU check, for one H100/H200 with PyTorch (CUDA) and Triton. TensorRT and onnxruntime-gpu are
+# used where present and skipped (with the reason) where not. No network and no install: it runs the
+# repository from PYTHONPATH with the Python it finds, so it works on a machine that cannot fetch packages.
+# Under 8 minutes without TensorRT (the measurements); the TensorRT part adds an engine build.
 #
-#   tools/gpu_check.sh                 # venv in out/gpu_check/venv (or the active venv), preset small
-#   SKIP_POLYGRAPHY_ONNX=1 tools/gpu_check.sh      # skip Polygraphy's own build from the ONNX (saves a build)
-#   PRESET=tiny tools/gpu_check.sh     # faster, less representative
-#   HIDREAM_USE_CURRENT_ENV=1 tools/gpu_check.sh   # use the current python, install into it
+#   tools/gpu_check.sh              # PYTHON=python3 by default; results in out/gpu_check/
+#   tools/gpu_check.sh --dry-run    # what would run on this machine, and why a part would be skipped
+#   PRESET=tiny tools/gpu_check.sh  # the TensorRT part on the tiny preset (faster, less representative)
 #
-# Steps (each prints a PASS/FAIL/SKIP verdict line; the summary repeats them; exit 1 if any FAIL):
-#   1. environment: venv + pip install -e '.[export,kernels,gpu]'      2. hidream-export doctor
-#   3. small random checkpoint (tools/make_tiny_checkpoint.py --full)   4. export, plugin MoE lowering, bf16
-#   5. hidream-export compare (ONNX Runtime vs PyTorch; saves inputs.json / reference_outputs.json)
-#   6. TensorRT engines (build_engines: weight-stripped + refit transformer, HiDreamMoE plugin)
-#   7. Polygraphy: `polygraphy run model.trt.onnx --trt` and `polygraphy run <engine> --model-type engine`
-#      against the saved PyTorch outputs, with the Python plugin registered (tools/gpu_check.py)
-#   8. Triton kernel tests on the GPU (pytest tests/test_moe_triton.py, TRITON_INTERPRET unset)
-#   9. timing table: PyTorch eager bf16 vs the `triton` lowering vs the TensorRT engine, per step
+# Steps (each prints a PASS/FAIL/SKIP line; the summary repeats them; exit 1 if any FAIL):
+#   1. gpu: nvidia-smi                          2. measure: tools/gpu_measure.py (Triton MoE kernels vs the
+#      PyTorch reference, real-config forward per MoE lowering at 1024x1024 batch 1 and 2, projected image
+#      times; table + JSON)                       3. Triton kernel tests on the GPU (tests/test_moe_triton.py)
+#   4-9. TensorRT, when `import tensorrt` works: checkpoint (PRESET, default small), export (plugin MoE),
+#      compare with ONNX Runtime, engines (tools/gpu_check.py build), Polygraphy against the PyTorch goldens,
+#      timing (tools/gpu_check.py bench)
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="${HIDREAM_GPU_CHECK_DIR:-$REPO/out/gpu_check}"  # out/ is git-ignored
+PY="${PYTHON:-python3}"
 PRESET="${PRESET:-small}"
 VARIANT="${VARIANT:-full}"
 DTYPE="${DTYPE:-bf16}"
 PLUGIN_IMPL="${PLUGIN_IMPL:-jit}"
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (only --dry-run)" >&2; exit 2 ;;
+  esac
+done
 CKPT="$WORK/ckpt-$PRESET-$VARIANT"
 OUT="$WORK/engines/$VARIANT"
 GOLD="$WORK/golden"
 LOGS="$WORK/logs"
-mkdir -p "$WORK" "$LOGS"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 cd "$REPO" || exit 2
 
 declare -a VERDICTS=()
 FAILED=0
-verdict() {  # verdict PASS|FAIL|SKIP NAME REASON...
+verdict() {  # verdict PASS|FAIL|SKIP|PLAN NAME REASON...
   local status="$1" name="$2"; shift 2
-  local line; line="$(printf '%-4s  %-30s %s' "$status" "$name" "$*")"
+  local line; line="$(printf '%-4s  %-26s %s' "$status" "$name" "$*")"
   VERDICTS+=("$line")
   echo "==> $line"
   [[ "$status" == FAIL ]] && FAILED=1
@@ -53,63 +59,77 @@ run_step() {  # run_step NAME LOGFILE CMD... ; output teed to the log; returns t
 }
 summary() {
   echo
-  echo "==================== gpu_check summary ($PRESET, $VARIANT, $DTYPE, plugin $PLUGIN_IMPL) ===================="
+  echo "==================== gpu_check summary ($([[ $DRY_RUN == 1 ]] && echo 'dry run, ')$PRESET, $VARIANT, $DTYPE) ===================="
   printf '%s\n' "${VERDICTS[@]}"
-  [[ -f "$LOGS/bench.log" ]] && grep '^|' "$LOGS/bench.log"
+  [[ -f "$WORK/gpu_measure.md" && $DRY_RUN == 0 ]] && cat "$WORK/gpu_measure.md"
   echo "work dir: $WORK"
   exit "$FAILED"
 }
 
-# ---- 0. a GPU? -------------------------------------------------------------------------------------------------
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
-  verdict SKIP gpu "no NVIDIA GPU or driver (nvidia-smi missing or failing): nothing to check here"
+# ---- inputs this script needs ------------------------------------------------------------------------------
+for f in tools/gpu_measure.py tools/gpu_check.py tools/make_tiny_checkpoint.py tests/test_moe_triton.py; do
+  [[ -f "$f" ]] || { verdict FAIL inputs "$REPO/$f is missing"; summary; }
+done
+if ! "$PY" -c "import hidream_export, numpy" >/dev/null 2>&1; then
+  verdict FAIL inputs "$PY cannot import hidream_export (PYTHONPATH=$REPO) and numpy"
   summary
 fi
-verdict PASS gpu "$(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader | head -1)"
+verdict PASS inputs "$("$PY" --version 2>&1), repository $REPO"
+[[ $DRY_RUN == 1 ]] || mkdir -p "$WORK" "$LOGS"
+has() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
-# ---- 1. environment --------------------------------------------------------------------------------------------
-if [[ -n "${VIRTUAL_ENV:-}" || "${HIDREAM_USE_CURRENT_ENV:-0}" == "1" ]]; then
-  PY="$(command -v python || command -v python3)"
+# ---- 1. a GPU? ---------------------------------------------------------------------------------------------------
+GPU=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  GPU=1
+  verdict PASS gpu "$(nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader | head -1)"
 else
-  if [[ ! -x "$WORK/venv/bin/python" ]]; then
-    python3 -m venv "$WORK/venv" || { verdict FAIL environment "cannot create $WORK/venv"; summary; }
-  fi
-  PY="$WORK/venv/bin/python"
+  verdict SKIP gpu "no NVIDIA GPU or driver (nvidia-smi missing or failing)"
 fi
-BIN="$(dirname "$PY")"
-export PATH="$BIN:$PATH"
-STAMP="$WORK/.installed-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)-$(basename "$(dirname "$BIN")")"
-if [[ ! -f "$STAMP" ]]; then
-  if run_step install "$LOGS/install.log" "$PY" -m pip install --upgrade -e "$REPO[export,kernels,gpu]" pytest ml_dtypes; then
-    touch "$STAMP"
+
+# ---- 2. measurements (PyTorch + Triton) ----------------------------------------------------------------------
+if [[ $DRY_RUN == 1 ]]; then
+  "$PY" tools/gpu_measure.py --dry-run --out "$WORK" | sed 's/^/     /'
+  if [[ $GPU == 1 ]] && has torch && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    verdict PLAN measure "tools/gpu_measure.py --out $WORK"
   else
-    verdict FAIL environment "pip install -e '.[export,kernels,gpu]' failed (see $LOGS/install.log)"
-    summary
+    verdict SKIP measure "needs a CUDA GPU visible to PyTorch"
   fi
-fi
-if "$PY" -m pip list 2>/dev/null | grep -qE '^onnxruntime ' && "$PY" -m pip list 2>/dev/null | grep -qE '^onnxruntime-gpu '; then
-  verdict PASS environment "installed; WARNING: both onnxruntime and onnxruntime-gpu present (they share one import name)"
+elif [[ $GPU == 0 ]]; then
+  verdict SKIP measure "needs a CUDA GPU"
+elif run_step measure "$LOGS/measure.log" "$PY" tools/gpu_measure.py --out "$WORK"; then
+  verdict PASS measure "$WORK/gpu_measure.json, $WORK/gpu_measure.md"
 else
-  verdict PASS environment "$("$PY" --version) in $(dirname "$BIN")"
+  verdict FAIL measure "tools/gpu_measure.py failed (see $LOGS/measure.log)"
 fi
 
-# ---- 2. doctor ---------------------------------------------------------------------------------------------------
-run_step doctor "$LOGS/doctor.log" "$PY" -m hidream_export.doctor
-if "$PY" - <<'EOF'
-import sys
-from hidream_export import doctor
-r = doctor.tensorrt_skip_reason()
-print(r or "TensorRT engines can be built here")
-sys.exit(1 if r else 0)
-EOF
-then
-  verdict PASS doctor "TensorRT $("$PY" -c 'import tensorrt; print(tensorrt.__version__)'), GPU visible"
+# ---- 3. Triton kernel tests on the GPU -----------------------------------------------------------------------
+if ! has pytest; then
+  verdict SKIP "triton kernels (gpu)" "pytest is not installed"
+elif [[ $GPU == 0 ]] || ! has triton; then
+  verdict SKIP "triton kernels (gpu)" "needs a CUDA GPU and triton"
+elif [[ $DRY_RUN == 1 ]]; then
+  verdict PLAN "triton kernels (gpu)" "pytest tests/test_moe_triton.py (TRITON_INTERPRET unset)"
+elif (unset TRITON_INTERPRET; run_step triton-tests "$LOGS/triton_tests.log" "$PY" -m pytest -p no:cacheprovider \
+        tests/test_moe_triton.py -q -rs); then
+  verdict PASS "triton kernels (gpu)" "$(grep -E 'passed|failed' "$LOGS/triton_tests.log" | tail -1)"
 else
-  verdict FAIL doctor "TensorRT cannot build engines here (see $LOGS/doctor.log)"
+  verdict FAIL "triton kernels (gpu)" "$(grep -E 'passed|failed|error' "$LOGS/triton_tests.log" | tail -1)"
+fi
+
+# ---- 4-9. TensorRT --------------------------------------------------------------------------------------------
+TRT_WHY=""
+[[ $GPU == 1 ]] || TRT_WHY="no GPU"
+has tensorrt || TRT_WHY="${TRT_WHY:+$TRT_WHY; }TensorRT is not installed (import tensorrt fails)"
+if [[ -n "$TRT_WHY" ]]; then
+  for step in checkpoint export compare "tensorrt build" polygraphy timing; do verdict SKIP "$step" "$TRT_WHY"; done
+  summary
+fi
+if [[ $DRY_RUN == 1 ]]; then
+  for step in checkpoint export compare "tensorrt build" polygraphy timing; do verdict PLAN "$step" "TensorRT path"; done
   summary
 fi
 
-# ---- 3. checkpoint -------------------------------------------------------------------------------------------------
 if [[ -f "$CKPT/.complete" ]]; then
   verdict PASS checkpoint "reused $CKPT"
 elif run_step checkpoint "$LOGS/checkpoint.log" "$PY" tools/make_tiny_checkpoint.py "$CKPT" --preset "$PRESET" \
@@ -120,24 +140,25 @@ else
   verdict FAIL checkpoint "make_tiny_checkpoint.py failed (see $LOGS/checkpoint.log)"
   summary
 fi
-
-# ---- 4. export ---------------------------------------------------------------------------------------------------
-if run_step export "$LOGS/export.log" "$BIN/hidream-export" export "$CKPT" --variant "$VARIANT" --out "$OUT" \
+if run_step export "$LOGS/export.log" "$PY" -m hidream_export.cli export "$CKPT" --variant "$VARIANT" --out "$OUT" \
      --moe plugin --dtype "$DTYPE"; then
   verdict PASS export "$OUT/transformer/model.onnx (plugin MoE, $DTYPE)"
 else
   verdict FAIL export "hidream-export export failed (see $LOGS/export.log)"
   summary
 fi
-
-# ---- 5. compare (ORT vs PyTorch) and the goldens -----------------------------------------------------------------
 mkdir -p "$GOLD"
 OPT_SIZE="$("$PY" -c "import json,sys; e=json.load(open(sys.argv[1]))['components']['transformer']; print('%dx%d' % tuple(e['size_range']['opt']))" "$OUT/manifest.json")"
-if run_step compare "$LOGS/compare.log" "$BIN/hidream-export" compare "$CKPT" "$OUT/transformer/model.onnx" \
-     --sizes "$OPT_SIZE" --save-dir "$GOLD"; then
-  verdict PASS "compare (onnxruntime)" "ONNX Runtime matches PyTorch at $OPT_SIZE"
+PROVIDERS="CPUExecutionProvider"
+"$PY" -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() else 1)" \
+  2>/dev/null && PROVIDERS="CUDAExecutionProvider"
+if [[ "$DTYPE" == bf16 && "$PROVIDERS" == CPUExecutionProvider ]]; then
+  verdict SKIP "compare (onnxruntime)" "a bf16 graph needs onnxruntime-gpu (the CPU provider has no bf16 TopK)"
+elif run_step compare "$LOGS/compare.log" "$PY" -m hidream_export.cli compare "$CKPT" "$OUT/transformer/model.onnx" \
+     --sizes "$OPT_SIZE" --save-dir "$GOLD" --providers "$PROVIDERS"; then
+  verdict PASS "compare (onnxruntime)" "ONNX Runtime ($PROVIDERS) matches PyTorch at $OPT_SIZE"
 else
-  verdict FAIL "compare (onnxruntime)" "ONNX Runtime vs PyTorch out of tolerance or failed (see $LOGS/compare.log)"
+  verdict FAIL "compare (onnxruntime)" "out of tolerance or failed (see $LOGS/compare.log)"
 fi
 if run_step goldens "$LOGS/goldens.log" "$PY" tools/gpu_check.py goldens "$OUT" "$CKPT" "$GOLD" --size "$OPT_SIZE"; then
   verdict PASS goldens "$GOLD/trt_inputs.json, trt_reference_outputs.json"
@@ -146,56 +167,27 @@ else
 fi
 # Polygraphy's check: median |engine - PyTorch fp32| <= a fraction of max|reference| per export dtype.
 ATOL="$("$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print({'fp32':1e-4,'fp16':1e-2,'bf16':3e-2}[s['dtype']]*s['max_abs_reference'])" "$GOLD/scale.json" 2>/dev/null || echo 0.05)"
-
-# ---- 6. TensorRT engines ------------------------------------------------------------------------------------------
+BUILT=0
 if run_step build "$LOGS/build.log" "$PY" tools/gpu_check.py build "$OUT" --plugin-impl "$PLUGIN_IMPL"; then
   verdict PASS "tensorrt build" "$(grep -E 'build took' "$LOGS/build.log" | tail -1)"
   BUILT=1
 else
   verdict FAIL "tensorrt build" "build_engines failed (see $LOGS/build.log)"
-  BUILT=0
 fi
-
-# ---- 7. Polygraphy against the PyTorch goldens --------------------------------------------------------------------
-if [[ -f "$GOLD/trt_inputs.json" ]]; then
-  if [[ "${SKIP_POLYGRAPHY_ONNX:-0}" == "1" ]]; then
-    verdict SKIP "polygraphy (onnx --trt)" "SKIP_POLYGRAPHY_ONNX=1"
-  elif run_step polygraphy-onnx "$LOGS/polygraphy_onnx.log" "$PY" tools/gpu_check.py polygraphy-onnx "$OUT" \
+if [[ -f "$GOLD/trt_inputs.json" && $BUILT == 1 ]]; then
+  if run_step polygraphy-engine "$LOGS/polygraphy_engine.log" "$PY" tools/gpu_check.py polygraphy-engine "$OUT" \
        "$GOLD/trt_inputs.json" "$GOLD/trt_reference_outputs.json" --atol "$ATOL"; then
-    verdict PASS "polygraphy (onnx --trt)" "parser + plugin + builder match PyTorch (median err <= $ATOL)"
+    verdict PASS polygraphy "the refit engine matches PyTorch (median err <= $ATOL)"
   else
-    verdict FAIL "polygraphy (onnx --trt)" "see $LOGS/polygraphy_onnx.log"
+    verdict FAIL polygraphy "see $LOGS/polygraphy_engine.log"
   fi
-  if [[ "$BUILT" == 1 ]]; then
-    if run_step polygraphy-engine "$LOGS/polygraphy_engine.log" "$PY" tools/gpu_check.py polygraphy-engine "$OUT" \
-         "$GOLD/trt_inputs.json" "$GOLD/trt_reference_outputs.json" --atol "$ATOL"; then
-      verdict PASS "polygraphy (engine)" "the refit engine matches PyTorch (median err <= $ATOL)"
-    else
-      verdict FAIL "polygraphy (engine)" "see $LOGS/polygraphy_engine.log"
-    fi
-  else
-    verdict SKIP "polygraphy (engine)" "no engine (the build failed)"
-  fi
-else
-  verdict SKIP polygraphy "no goldens"
-fi
-
-# ---- 8. Triton kernel tests on the GPU ----------------------------------------------------------------------------
-if (unset TRITON_INTERPRET; run_step triton-tests "$LOGS/triton_tests.log" "$PY" -m pytest tests/test_moe_triton.py -q -rs); then
-  verdict PASS "triton kernels (gpu)" "$(grep -E 'passed|failed' "$LOGS/triton_tests.log" | tail -1)"
-else
-  verdict FAIL "triton kernels (gpu)" "$(grep -E 'passed|failed|error' "$LOGS/triton_tests.log" | tail -1)"
-fi
-
-# ---- 9. timing ------------------------------------------------------------------------------------------------------
-if [[ "$BUILT" == 1 ]]; then
   if run_step bench "$LOGS/bench.log" "$PY" tools/gpu_check.py bench "$OUT" "$CKPT" --iters 10; then
-    verdict PASS timing "table below (every backend's output has cosine >= 0.99 with eager)"
+    verdict PASS timing "$LOGS/bench.log"
   else
     verdict FAIL timing "a backend disagrees with eager or failed (see $LOGS/bench.log)"
   fi
 else
-  verdict SKIP timing "no engine (the build failed)"
+  verdict SKIP polygraphy "no engine or no goldens"
+  verdict SKIP timing "no engine"
 fi
-
 summary

@@ -175,6 +175,32 @@ class TransformerConfig:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    # ---- work per forward (no model needed) ------------------------------------------------------
+    def forward_flops(self, width_px: int, height_px: int, batch: int = 1, text_tokens: int = 128) -> int:
+        """Floating-point operations (2 per multiply-add) of one forward at a square size, with each token
+        through its top-k routed experts only: what the model needs, not what a dense lowering spends.
+        Counts matmuls and attention; norms, activations and routing softmax are below 0.1%.
+        77.8 TFLOP for the real config at 1024x1024, batch 1."""
+        D, p = self.inner_dim, self.patch_size
+        n_img = (height_px // (8 * p)) * (width_px // (8 * p)) + 1  # + the padding token
+        t5, llama = text_tokens, text_tokens
+        k = self.num_activated_experts if self.num_routed_experts else 0
+
+        def ffn(tokens: int) -> int:  # shared expert + k routed experts + router, or a dense SwiGLU
+            if not self.num_routed_experts:
+                return 2 * tokens * 3 * D * self.expert_hidden_dim
+            return 2 * tokens * (3 * D * self.shared_expert_hidden_dim + k * 3 * D * self.expert_hidden_dim
+                                 + D * self.num_routed_experts)
+
+        txt = t5 + llama + llama  # T5 + the last Llama layer, + this block's Llama layer
+        seq = n_img + txt
+        double = 8 * (n_img + txt) * D * D + 4 * seq * seq * D + ffn(n_img) + 2 * txt * 3 * D * self.expert_hidden_dim
+        single = 8 * seq * D * D + 4 * seq * seq * D + ffn(seq)
+        prologue = (2 * llama * self.llama_dim * D * self.num_blocks + 2 * t5 * self.t5_dim * D
+                    + 2 * n_img * p * p * self.in_channels * D)
+        epilogue = 2 * n_img * D * p * p * self.out_channels
+        return batch * (self.num_layers * double + self.num_single_layers * single + prologue + epilogue)
+
     # ---- parameter counts (no model needed) ----------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Total and per-image-token active parameter counts, derived from the shapes alone."""

@@ -115,7 +115,7 @@ def _plugin(moe: "MoEFeedForward", x, topk_idx, topk_weight):
     op = getattr(torch.ops.hidream, "HiDreamMoE", None)
     if op is None:
         raise RuntimeError("MoE lowering 'plugin' calls torch.ops.hidream.HiDreamMoE, which is not defined in this "
-                           "process; `import hidream_export.moe` defines it")
+                           "process; `import hidream_export.moe.torch_op` defines it")
     gate_w, up_w, down_w = moe.stacked_expert_weights(x.dtype)
     return op(x, topk_idx.to(torch.int32), topk_weight.to(x.dtype), gate_w, up_w, down_w)
 

@@ -9,7 +9,7 @@ the ONNX `HiDreamMoE` node and the TensorRT plugin).
                                  gate_w (E,H,I), up_w (E,H,I), down_w (E,I,H)) -> (T,H)
 
 The reference model's `plugin` MoE lowering calls it (hidream_export/model/moe.py); importing
-`hidream_export.moe` defines it, as torch.library defines every custom op. The shared expert is not part
+`hidream_export.moe.torch_op` defines it, as torch.library defines every custom op. The shared expert is not part
 of the op. Inference only: no autograd formula is registered. Triton is imported only when a CUDA tensor
 reaches the op, so CPU-only installs work without it.
 """
