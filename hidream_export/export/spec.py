@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hidream_export.quant.scheme import QuantScheme
 from hidream_export.signature import (BatchRange, TransformerSignature, trace_size, transformer_signature)
 from hidream_export.variants import SIZE_MULTIPLE, TEXT_LENGTH, VAE_SCALE, SizeRange, Variant
 
@@ -22,6 +23,7 @@ class ExportSpec:
     dtype: str  # "fp32" | "fp16" | "bf16"
     opset: int
     moe: str  # the MoE lowering (hidream_export.model.lowerings)
+    quant: QuantScheme | None = None  # quantized linear weights (hidream_export.quant), None: all in `dtype`
 
     @property
     def torch_dtype(self):
@@ -50,8 +52,11 @@ class ExportSpec:
 
     def to_key(self) -> dict:
         """What the export's settings key hashes (besides checkpoint and versions)."""
-        return {"variant": self.variant.name, "moe": self.moe, "dtype": self.dtype, "opset": self.opset,
-                "size_range": self.size_range.to_dict(), "batch": self.batch.to_dict()}
+        key = {"variant": self.variant.name, "moe": self.moe, "dtype": self.dtype, "opset": self.opset,
+               "size_range": self.size_range.to_dict(), "batch": self.batch.to_dict()}
+        if self.quant is not None:  # absent for float exports, so their keys (and caches) stay as they were
+            key["quant"] = self.quant.to_key()
+        return key
 
 
 def sample_inputs(spec: ExportSpec, seed: int = 0):

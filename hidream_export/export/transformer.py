@@ -32,6 +32,7 @@ from hidream_export.files import (LOCK_NAME, folder_lock, remove_tree, replace_f
 from hidream_export.manifest import (MANIFEST_NAME, FileRecord, Manifest, PluginRequirement, TensorSpec,
                                      TransformerComponent)
 from hidream_export.model.lowerings import EXPORT_LOWERINGS
+from hidream_export.quant.scheme import QuantScheme
 from hidream_export.signature import (EXPORT_DTYPES, INPUT_NAMES, MAX_IMAGES_PER_PROMPT, OUTPUT_NAMES, batch_range,
                                       resolve_size_range)
 from hidream_export.variants import Variant, get_variant
@@ -179,16 +180,15 @@ def _intact(out_dir: Path, manifest: Manifest) -> bool:
     return True
 
 
-def plan_transformer_export(config, dtype: str, moe: str, out_dir: Path, action: str = "export") -> ExportPlan:
+def plan_transformer_export(config, dtype: str, moe: str, out_dir: Path, action: str = "export",
+                            quant: QuantScheme | None = None) -> ExportPlan:
     """The files, sizes and initializer count an export writes (see ExportPlan)."""
-    import math
-
     from hidream_export.model.checkpoint import expected_shapes
+    from hidream_export.quant.export import weight_bytes
 
-    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
     shapes = expected_shapes(config)
     n_rope = 4  # cos/sin tables of the two spatial axes
-    weights = sum(math.prod(s) for s in shapes.values()) * itemsize
+    weights = weight_bytes(shapes, dtype, quant)
     # Measured (blockwise graph, gather lowering): 277 KiB for the tiny preset's 4 blocks, about 0.6 MiB for
     # 12 blocks; the prologue, epilogue and shape tables are the constant part.
     graph_estimate = 128 * 2**10 + config.num_blocks * 40 * 2**10
@@ -213,22 +213,25 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
                        moe: str = "gather", dtype: str = "fp32", opset: int | None = None,
                        min_size=None, max_size=None, opt_size=None, config=None,
                        max_images: int = MAX_IMAGES_PER_PROMPT, force: bool = False, streaming: bool = True,
-                       dry_run: bool = False, quiet: bool = True, verbose: bool = False) -> ExportResult:
+                       dry_run: bool = False, quiet: bool = True, verbose: bool = False, quant: str | None = None,
+                       quant_block: int | None = None, calibration: str | Path | None = None) -> ExportResult:
     """Export a checkpoint's transformer for `variant` into OUT/transformer and OUT/manifest.json.
 
     streaming=True (default) traces without weights and streams them from the checkpoint (memory: the
     graph plus one 8 MiB piece); streaming=False exports a loaded model (the usual recipe; kept for
     contrast). An up-to-date export with the same settings is reused (unless force); an interrupted
     streaming export resumes. With dry_run, nothing is written and `result.plan` says what would be.
+    quant ("int8", "int4", "fp8"), quant_block and calibration (fp8's amax.json): see hidream_export.quant.
     """
-    from hidream_export.model.checkpoint import check_keys, locate_checkpoint
+    from hidream_export.model.checkpoint import check_keys, expected_shapes, locate_checkpoint
+    from hidream_export.quant import export as quant_export
 
     v = get_variant(variant)
     if moe not in EXPORT_LOWERINGS:
         raise ExportError(f"--moe {moe!r} is not one of {EXPORT_LOWERINGS}")
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {EXPORT_DTYPES}")
-    opset = check_opset(opset)
+    opset = None if opset is None else check_opset(opset)
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir) if out_dir else v.default_out_dir
     with model_errors():
@@ -236,29 +239,38 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
         check_keys(ckpt)  # both paths: missing/extra/wrong-shaped keys before any tracing or writing
     check_variant_matches_checkpoint(checkpoint, v)
     cfg = ckpt.config
+    q, opset = quant_export.resolve(quant, quant_block, calibration, shapes=expected_shapes(cfg), moe=moe,
+                                    opset=opset, streaming=streaming)
+    opset = check_opset(opset)
     spec = ExportSpec(cfg, v, resolve_size_range(v, cfg, min_size, max_size, opt_size),
-                      batch_range(v, max_images), dtype, opset, moe)
+                      batch_range(v, max_images), dtype, opset, moe, q.scheme if q else None)
     settings = {**spec.to_key(), "streaming": streaming}
     sources = ckpt.files + ([ckpt.config_file] if ckpt.config_file else [])
     check_out_dir(out_dir, [checkpoint if checkpoint.is_dir() else checkpoint.parent], create=not dry_run)
     if dry_run:
         action = "export"
-        if Manifest.read(out_dir, required=False) is not None:
+        if Manifest.read(out_dir, required=False) is not None or (q and q.calibration):
             checkpoint_hash = sha256_files(sources)
+            if q and q.calibration:
+                q.calibration.check_checkpoint(checkpoint_hash)
+        if Manifest.read(out_dir, required=False) is not None:
             key = settings_key(**settings, checkpoint=checkpoint_hash, version=own_version(), torch=_torch_version())
             manifest, prior = _manifest_for(out_dir, v, checkpoint_hash, settings, force)
             if prior is not None:
                 action = "reuse" if not force and prior.settings_key == key and _intact(out_dir, manifest) else "replace"
-        return ExportResult(out_dir, "planned", plan=plan_transformer_export(cfg, dtype, moe, out_dir, action))
+        return ExportResult(out_dir, "planned", plan=plan_transformer_export(cfg, dtype, moe, out_dir, action,
+                                                                              spec.quant))
     with folder_lock(out_dir):
         checkpoint_hash = sha256_files(sources)
+        if q and q.calibration:
+            q.calibration.check_checkpoint(checkpoint_hash)
         key = settings_key(**settings, checkpoint=checkpoint_hash, version=own_version(), torch=_torch_version())
         manifest, prior = _manifest_for(out_dir, v, checkpoint_hash, settings, force)
         if prior is not None and not force and prior.settings_key == key and _intact(out_dir, manifest):
             return ExportResult(out_dir, "reused", prior)
         _remove_stale_partials(out_dir, keep=None if force else key)
         partial = out_dir / f"{PARTIAL_PREFIX}{key}"
-        plan = plan_transformer_export(cfg, dtype, moe, out_dir)
+        plan = plan_transformer_export(cfg, dtype, moe, out_dir, quant=spec.quant)
         _check_disk(out_dir, plan.bytes - _partial_bytes(partial))
 
         t0 = time.perf_counter()
@@ -270,7 +282,7 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
             tmp = staged_dir(out_dir, "transformer")
         try:
             if streaming:
-                initializer_map = _export_streaming(ckpt, tmp, spec, key, quiet)
+                initializer_map = _export_streaming(ckpt, tmp, spec, key, quiet, q)
             else:
                 initializer_map = _export_plain(checkpoint, config, tmp, spec, verbose)
             initializers = _finish_graph(tmp)
@@ -285,7 +297,7 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         component = _component(spec, files, initializers, initializer_map, streaming, key, settings, checkpoint,
-                               checkpoint_hash, seconds)
+                               checkpoint_hash, seconds, q)
         manifest.variant = v
         manifest.components["transformer"] = component
         manifest.write(out_dir)
@@ -330,9 +342,12 @@ def _finish_graph(tmp: Path) -> int:
 
 
 def _component(spec: ExportSpec, files, initializers: int, initializer_map: dict, streaming: bool, key: str,
-               settings: dict, checkpoint: Path, checkpoint_hash: str, seconds: float) -> TransformerComponent:
+               settings: dict, checkpoint: Path, checkpoint_hash: str, seconds: float, q=None) -> TransformerComponent:
     import onnx
+    import onnxruntime
     import torch
+
+    from hidream_export.quant.export import record
 
     sig = spec.signature
     plugin = None
@@ -350,6 +365,7 @@ def _component(spec: ExportSpec, files, initializers: int, initializer_map: dict
         axes=dict(sig.axes), moe_lowering=spec.moe, opset=spec.opset, batch_multiple=sig.batch_multiple,
         size_range=sig.size_range, max_seq=sig.max_seq, config=spec.config.to_dict(), initializers=initializers,
         initializer_map=initializer_map, streaming=streaming, settings_key=key, plugin=plugin,
+        quant=record(q, initializer_map, onnxruntime.__version__) if q else None,
         extra={"settings": settings,
                "cleanup": ["onnxscript optimizer (constant folding, dead-node removal)", "onnx shape inference",
                            "onnx.checker (path-based)"],
@@ -382,7 +398,7 @@ def _export_plain(checkpoint: Path, config, tmp: Path, spec: ExportSpec, verbose
     return {n: n for n in names if n in keys}
 
 
-def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool) -> dict:
+def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, q=None) -> dict:
     """Trace block by block on fake tensors (blockwise.py), write the graph with external references,
     stream the weights; resume a previous run with the same key when its files check out."""
     import torch
@@ -390,6 +406,7 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool) 
     from hidream_export.export import blockwise, streaming
     from hidream_export.model.checkpoint import read_tensor_chunks
     from hidream_export.model.embeddings import RopeTables
+    from hidream_export.quant.export import initializer_source, source_key
 
     onnx_path, data_path, journal = tmp / ONNX_NAME, tmp / DATA_NAME, tmp / streaming.JOURNAL
     slots, start = streaming.resume_point(onnx_path, data_path, journal, key)
@@ -397,10 +414,10 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool) 
         for p in tmp.iterdir():
             remove_tree(p)
         slots = blockwise.export_graph(spec, onnx_path, DATA_NAME)
-        unknown = [s.name for s in slots if s.name not in ckpt.entries and not s.name.startswith("rope.")]
+        unknown = [s.name for s in slots if source_key(s.name) not in ckpt.entries and not s.name.startswith("rope.")]
         if unknown:
             raise ExportError(f"traced graph has initializers with no source in the checkpoint: {unknown[:5]}")
-        unused = sorted(set(ckpt.entries) - {s.name for s in slots})
+        unused = sorted(set(ckpt.entries) - {source_key(s.name) for s in slots})
         if unused:  # a weight the graph never reads: the export would silently drop part of the model
             raise ExportError(f"{len(unused)} checkpoint tensors have no place in the traced graph: {unused[:5]}")
         start = 0
@@ -408,11 +425,21 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool) 
     rope = RopeTables(spec.config.axes_dims_rope, spec.max_positions, "float32")
     tdtype = spec.torch_dtype
 
-    def pieces(entry):
+    def pieces(entry, dtype=tdtype):
         with open(entry.file, "rb") as fh:
-            yield from read_tensor_chunks(fh, entry, tdtype)
+            yield from read_tensor_chunks(fh, entry, dtype)
+
+    quantized = None
+    if q is not None:
+        from hidream_export.quant.weights import QuantFetch
+
+        # Quantized from float32 whatever the export dtype: a bf16 checkpoint's values exactly.
+        quantized = QuantFetch(q.scheme, spec.dtype, lambda w: (ckpt.entries[w].shape, pieces(ckpt.entries[w],
+                               torch.float32)), lambda module: f"{module}.weight", q.calibration)
 
     def fetch(name: str):
+        if quantized is not None and (found := quantized(name)) is not None:
+            return streaming.TensorPieces(found[0], [found[1]])
         if name.startswith("rope."):
             return getattr(rope, name.split(".", 1)[1]).to(torch.float32)
         # In pieces: the largest tensor (150 MiB in the real model) is never held whole, so peak memory
@@ -422,4 +449,5 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool) 
 
     streaming.stream_weights(data_path, slots, fetch, journal, start=start, quiet=quiet,
                              journal_base={"key": key, "graph_done": True})
-    return {s.name: (s.name if s.name in ckpt.entries else f"computed:{s.name}") for s in slots}
+    return {s.name: (s.name if s.name in ckpt.entries else
+                     initializer_source(s.name, spec.quant) or f"computed:{s.name}") for s in slots}
