@@ -214,14 +214,16 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
                        min_size=None, max_size=None, opt_size=None, config=None,
                        max_images: int = MAX_IMAGES_PER_PROMPT, force: bool = False, streaming: bool = True,
                        dry_run: bool = False, quiet: bool = True, verbose: bool = False, quant: str | None = None,
-                       quant_block: int | None = None, calibration: str | Path | None = None) -> ExportResult:
+                       quant_block: int | None = None, calibration: str | Path | None = None,
+                       ort_accuracy_level: int | None = None) -> ExportResult:
     """Export a checkpoint's transformer for `variant` into OUT/transformer and OUT/manifest.json.
 
     streaming=True (default) traces without weights and streams them from the checkpoint (memory: the
     graph plus one 8 MiB piece); streaming=False exports a loaded model (the usual recipe; kept for
     contrast). An up-to-date export with the same settings is reused (unless force); an interrupted
     streaming export resumes. With dry_run, nothing is written and `result.plan` says what would be.
-    quant ("int8", "int4", "fp8"), quant_block and calibration (fp8's amax.json): see hidream_export.quant.
+    quant ("int8", "int4", "fp8"), quant_block, calibration (fp8's amax.json) and ort_accuracy_level (the
+    MatMulNBits compute ONNX Runtime uses): see hidream_export.quant.
     """
     from hidream_export.model.checkpoint import check_keys, expected_shapes, locate_checkpoint
     from hidream_export.quant import export as quant_export
@@ -240,7 +242,7 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
     check_variant_matches_checkpoint(checkpoint, v)
     cfg = ckpt.config
     q, opset = quant_export.resolve(quant, quant_block, calibration, shapes=expected_shapes(cfg), moe=moe,
-                                    opset=opset, streaming=streaming)
+                                    opset=opset, streaming=streaming, ort_accuracy_level=ort_accuracy_level)
     opset = check_opset(opset)
     spec = ExportSpec(cfg, v, resolve_size_range(v, cfg, min_size, max_size, opt_size),
                       batch_range(v, max_images), dtype, opset, moe, q.scheme if q else None)

@@ -31,7 +31,8 @@ class TransformerQuant:
 
 
 def resolve(quant: str | None, block: int | None, calibration: str | Path | None, *, shapes: dict, moe: str,
-            opset: int | None, streaming: bool) -> tuple[TransformerQuant | None, int | None]:
+            opset: int | None, streaming: bool, ort_accuracy_level: int | None = None
+            ) -> tuple[TransformerQuant | None, int | None]:
     """Check a --quant request against the checkpoint's shapes before anything is traced.
 
     Returns (the resolved request or None, the opset to export with). One-line errors: unknown scheme or
@@ -40,10 +41,10 @@ def resolve(quant: str | None, block: int | None, calibration: str | Path | None
     if quant is None:
         if calibration is not None:
             raise ExportError("--calibration goes with --quant fp8")
-        QuantScheme.parse(None, block)
+        QuantScheme.parse(None, block, None, ort_accuracy_level)
         return None, opset
     table = CalibrationTable.read(calibration) if calibration is not None else None
-    scheme = QuantScheme.parse(quant, block, table.sha256 if table else None)
+    scheme = QuantScheme.parse(quant, block, table.sha256 if table else None, ort_accuracy_level)
     if moe not in QUANT_LOWERINGS:
         raise ExportError(f"--quant {quant} with --moe {moe}: the {moe} lowering's experts are not linear layers in "
                           f"the graph; use --moe {' or '.join(QUANT_LOWERINGS)}")
@@ -120,4 +121,4 @@ def record(request: TransformerQuant, slot_names, ort_version: str) -> QuantReco
         fusion = ORT_FUSION
     return QuantRecord(scheme=scheme.scheme, block_size=scheme.block_size, weight_format=fmt, activations=activations,
                        arithmetic=arithmetic, quantized_weights=count, kept=kept_summary(), calibration=calibration,
-                       ort_fusion=fusion)
+                       ort_fusion=fusion, ort_accuracy_level=scheme.ort_accuracy_level)

@@ -32,6 +32,13 @@ BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK = {"int8": 128, "int4": 64}
 BITS = {"int8": 8, "int4": 4, "fp8": 8}
 FP8_MAX = 448.0  # largest finite e4m3fn value: scale = amax / FP8_MAX, as ModelOpt computes it
+# ONNX Runtime's CPU provider fuses DequantizeLinear + MatMul into MatMulNBits, whose `accuracy_level` picks the
+# compute: 1 = float32 (the exact weight-only product), 4 = int8 (activations quantized per block at run time:
+# faster on CPUs with int8 dot products, less accurate). Measured on `small` (README): int8 weights keep
+# cosine >= 0.9995 only with 1; int4's own error dwarfs the difference, so it takes the faster one.
+ORT_ACCURACY_LEVELS = (1, 2, 3, 4)
+DEFAULT_ORT_ACCURACY = {"int8": 1, "int4": 4}
+ORT_ACCURACY_CONFIG = "session.qdq_matmulnbits_accuracy_level"
 # Blocked DequantizeLinear (and FP8 types everywhere) need opset 21.
 MIN_OPSET = 21
 CALIBRATION_FORMAT = 1
@@ -63,18 +70,21 @@ class QuantScheme:
     scheme: str
     block_size: int | None = None  # int8/int4; fp8 is per channel
     calibration_sha256: str | None = None  # fp8: the amax.json the activation scales come from
+    ort_accuracy_level: int | None = None  # int8/int4: MatMulNBits compute ONNX Runtime sessions use
 
     @classmethod
     def parse(cls, scheme: str | None, block_size: int | None = None, calibration_sha256: str | None = None,
-              *, flag: str = "--quant") -> "QuantScheme | None":
+              ort_accuracy_level: int | None = None, *, flag: str = "--quant") -> "QuantScheme | None":
         """The scheme for `--quant`/`--quant-block` (None when not quantizing); one-line errors."""
         if scheme is None:
-            if block_size is not None:
-                raise ExportError(f"{flag}-block {block_size} needs {flag} int8 or int4")
+            if block_size is not None or ort_accuracy_level is not None:
+                raise ExportError(f"{flag}-block and --ort-accuracy-level need {flag} int8 or int4")
             return None
         if scheme not in SCHEMES:
             raise ExportError(f"{flag} {scheme!r} is not one of {SCHEMES}")
         if scheme == "fp8":
+            if ort_accuracy_level is not None:
+                raise ExportError(f"--ort-accuracy-level applies to {flag} int8/int4 (MatMulNBits), not fp8")
             if block_size is not None:
                 raise ExportError(f"{flag}-block does not apply to {flag} fp8 (weights are scaled per output "
                                   f"channel, activations per tensor)")
@@ -87,7 +97,11 @@ class QuantScheme:
         block = DEFAULT_BLOCK[scheme] if block_size is None else block_size
         if isinstance(block, bool) or block not in BLOCK_SIZES:
             raise ExportError(f"{flag}-block {block_size!r} is not one of {BLOCK_SIZES}")
-        return cls(scheme, block, None)
+        level = DEFAULT_ORT_ACCURACY[scheme] if ort_accuracy_level is None else ort_accuracy_level
+        if isinstance(level, bool) or level not in ORT_ACCURACY_LEVELS:
+            raise ExportError(f"--ort-accuracy-level {ort_accuracy_level!r} is not one of {ORT_ACCURACY_LEVELS} "
+                              f"(1 float32, 2 float16, 3 bfloat16, 4 int8 compute)")
+        return cls(scheme, block, None, level)
 
     def to_key(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +125,7 @@ class QuantRecord:
     kept: dict[str, str] = field(default_factory=dict)  # weight group -> why it stays in the export dtype
     calibration: dict | None = None  # fp8: the calibration file's hash, checkpoint, prompts, recipe
     ort_fusion: str = ""  # what ONNX Runtime's CPU optimizer makes of the weight pattern
+    ort_accuracy_level: int | None = None  # MatMulNBits compute every ONNX Runtime session is given
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -121,6 +136,10 @@ class QuantRecord:
             raise ManifestError(f"quant record {data!r} names no scheme of {SCHEMES}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def ort_session_config(self) -> dict[str, str]:
+        """Session config entries an ONNX Runtime session of this graph needs (runtime, compare, bench)."""
+        return {ORT_ACCURACY_CONFIG: str(self.ort_accuracy_level)} if self.ort_accuracy_level else {}
 
     def describe(self) -> str:
         block = f", block {self.block_size}" if self.block_size else ""

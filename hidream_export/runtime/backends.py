@@ -253,8 +253,10 @@ class OrtBackend(Backend):
         check_providers(entry, self.providers, path)
         # From the path (not bytes), so onnxruntime finds the external weights next to the model.
         try:
-            session = self._ort.InferenceSession(str(path), sess_options=self.session_options(),
-                                                 providers=self.providers)
+            opts = self.session_options()
+            for key, value in (entry.quant.ort_session_config() if entry.quant else {}).items():
+                opts.add_session_config_entry(key, value)  # e.g. the MatMulNBits compute the export chose
+            session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidProtobuf/Fail/... on a damaged graph
             raise ManifestError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
                                 f"{' '.join(str(exc).split())[:300]})") from None
