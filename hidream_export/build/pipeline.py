@@ -124,8 +124,10 @@ def _subfolder(checkpoint: Path, sub: str, what: str) -> Path:
 
 
 def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = None, *, encoder_dtype: str = "fp32",
-                           opset: int = DEFAULT_OPSET, exporter: str = "auto") -> list[SharedComponent]:
+                           opset: int = DEFAULT_OPSET, exporter: str = "auto",
+                           encoder_quant=None) -> list[SharedComponent]:
     """Check that every shared component's source is there and say how each is made; nothing is written.
+    encoder_quant (a QuantScheme): weight-only quantization of the streamed encoders (T5, Llama).
 
     Raises ExportError (a ValueError) naming the missing folder, file or flag."""
     checkpoint = Path(checkpoint)
@@ -145,10 +147,13 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
         settings = {"recipe": encoders_mod.RECIPE_VERSION, "dtype": encoder_dtype, "opset": opset,
                     "exporter": exporter, "text_length": TEXT_LENGTH, "max_batch": MAX_TEXT_BATCH,
                     "streaming": name in encoders_mod.STREAMING}
+        quant = encoder_quant if name in encoders_mod.STREAMING else None
+        if quant is not None:  # absent otherwise, so unquantized store entries keep their keys
+            settings["quant"] = quant.to_key()
         plan.append(SharedComponent(
             name, name, ONNX_NAME, onnx_files, folder, model_source_files(folder, what), settings,
-            lambda out, n=name, f=folder: encoders_mod.export_encoder(n, f, out, dtype=encoder_dtype, opset=opset,
-                                                                      exporter=exporter),
+            lambda out, n=name, f=folder, q=quant: encoders_mod.export_encoder(
+                n, f, out, dtype=encoder_dtype, opset=opset, exporter=exporter, quant=q),
             lambda n=name, f=folder: encoders_mod.load_config(n, f)))
 
     vae_dir = _subfolder(checkpoint, "vae", "VAE")
@@ -370,8 +375,10 @@ def _umask() -> int:
 def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: str | Path | None = None, *,
                    llama: str | Path | None = None, moe: str = "gather", dtype: str = "fp32",
                    encoder_dtype: str = "fp32", shared_root: str | Path | None = None, force: bool = False,
-                   trt: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "auto", link: str = "auto",
-                   trt_options=None, quiet: bool = True) -> Manifest:
+                   trt: bool = False, opset: int | None = None, exporter: str = "auto", link: str = "auto",
+                   trt_options=None, quiet: bool = True, quant: str | None = None, quant_block: int | None = None,
+                   calibration: str | Path | None = None, ort_accuracy_level: int | None = None,
+                   quant_encoders: str | None = None) -> Manifest:
     """Export everything `variant` needs from a HiDream-I1 model folder into one engine folder; return its
     manifest (also written to OUT/manifest.json).
 
@@ -384,7 +391,10 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     force          re-export everything, and allow replacing a folder built for another variant/checkpoint
     trt            also build TensorRT engines (trt_options: a build.trt.TrtBuildOptions); without TensorRT
                    one notice line, and the ONNX folder
-    opset          ONNX opset of every graph
+    opset          ONNX opset of every graph (default 20; 21 when anything is quantized)
+    quant, quant_block, calibration, ort_accuracy_level
+                   the transformer's quantization (export_transformer; hidream_export.quant)
+    quant_encoders weight-only int8/int4 of the T5 and Llama encoders (block and accuracy level as the default)
     exporter       the encoders'/VAE's exporter ("auto": dynamo, TorchScript fallback recorded in the manifest)
     link           how variant folders get the shared files: auto (reflink, else copy), reflink, hardlink or copy
     quiet          no progress bar for the transformer's weights
@@ -398,7 +408,14 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     store = Path(shared_root) if shared_root else out_dir.parent / SHARED_DIR
     if link not in LINK_MODES:
         raise ExportError(f"--link {link!r} is not one of {LINK_MODES}")
+    from hidream_export.quant.scheme import MIN_OPSET, QuantScheme
+
+    if opset is None and (quant or quant_encoders):
+        opset = MIN_OPSET  # blocked DequantizeLinear and FP8 types
     opset = check_opset(opset)
+    encoder_quant = QuantScheme.parse(quant_encoders, flag="--quant-encoders")
+    if encoder_quant is not None and opset < MIN_OPSET:
+        raise ExportError(f"--quant-encoders needs --opset {MIN_OPSET} or newer, got {opset}")
 
     trt_missing = None
     if trt:
@@ -410,7 +427,8 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
                   f"folder only", file=sys.stderr)
 
     # Every source is checked (read and hashed) before the transformer export, which can take an hour.
-    plan = plan_shared_components(checkpoint, llama, encoder_dtype=encoder_dtype, opset=opset, exporter=exporter)
+    plan = plan_shared_components(checkpoint, llama, encoder_dtype=encoder_dtype, opset=opset, exporter=exporter,
+                                  encoder_quant=encoder_quant)
     scheduler_config = _read_scheduler(checkpoint)
     check_out_dir(out_dir, [checkpoint, *{comp.source for comp in plan}])
     for comp in plan:
@@ -420,7 +438,8 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     with folder_lock(out_dir):
         # export_transformer reuses an up-to-date export (same checkpoint and settings, files intact) by itself.
         result = export_transformer(checkpoint, v, out_dir, moe=moe, dtype=dtype, opset=opset, force=force,
-                                    quiet=quiet)
+                                    quiet=quiet, quant=quant, quant_block=quant_block, calibration=calibration,
+                                    ort_accuracy_level=ort_accuracy_level)
         if result.reused:
             log.info("transformer: %s is up to date; not exporting it again", out_dir / "transformer")
 

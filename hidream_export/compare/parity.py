@@ -33,14 +33,14 @@ TOLERANCES = {
 }
 
 
-# Quantized transformers (manifest `quant`), against the same fp32 reference: cosine and the share of routed
-# tokens whose top-2 experts stay the same; the max error is loose, since a token whose routing flips gets
-# other experts' output (measured on `small`, 512 and 1024 px, Dev timesteps: README). The cosine bounds are
-# the ones the issue set; int4 at block 64 measures about 0.97 on the random-weight `small` preset (README).
+# Quantized transformers (manifest `quant`), against the same fp32 reference: cosine, and for the weight-only
+# schemes the share of routed tokens whose top-2 experts stay the same (FP8 reports it: its activations are
+# rounded too, so it is a measure there, not a bound). The max error is loose: a token whose routing flips
+# gets other experts' output. Measured on `small` at 512 and 1024 px and Dev timesteps: README.
 QUANT_TOLERANCES = {
     "int8": {"rtol": 0.5, "atol": 0.0, "min_cosine": 0.9995, "min_routing": 0.99},
     "int4": {"rtol": 1.5, "atol": 0.0, "min_cosine": 0.99, "min_routing": 0.99},
-    "fp8": {"rtol": 1.0, "atol": 0.0, "min_cosine": 0.99, "min_routing": 0.99},
+    "fp8": {"rtol": 1.0, "atol": 0.0, "min_cosine": 0.99},
 }
 
 

@@ -99,26 +99,30 @@ def initializer_source(name: str, scheme: QuantScheme | None) -> str | None:
     return f"computed:{scheme.scheme} {role} of {module}.weight"
 
 
+def weight_only_record(scheme: QuantScheme, count: int, kept: dict, ort_version: str, fusion: str = "") -> QuantRecord:
+    """The manifest record of an int8/int4 weight-only export (transformer or text encoder)."""
+    kernel = "quantize_qdq_matmul_4bits" if scheme.scheme == "int4" else "quantize_matmul_8bits"
+    return QuantRecord(
+        scheme=scheme.scheme, block_size=scheme.block_size,
+        weight_format=(f"{scheme.scheme.upper()} [in, out] -> DequantizeLinear(axis=0, block_size="
+                       f"{scheme.block_size}, opset 21) -> MatMul/Gemm"),
+        activations="export dtype", arithmetic=f"onnxruntime {ort_version} {kernel} (symmetric)",
+        quantized_weights=count, kept=kept, ort_fusion=fusion, ort_accuracy_level=scheme.ort_accuracy_level)
+
+
 def record(request: TransformerQuant, slot_names, ort_version: str) -> QuantRecord:
+    """The transformer's manifest record (`slot_names`: the streamed initializers, to count the weights)."""
     scheme = request.scheme
     count = sum(1 for n in slot_names if (parse_quant_name(n) or ("", ""))[1] == QWEIGHT)
-    if scheme.scheme == "fp8":
-        import modelopt
+    if scheme.scheme != "fp8":
+        return weight_only_record(scheme, count, kept_summary(), ort_version, ORT_FUSION)
+    import modelopt
 
-        fmt = "FLOAT8E4M3FN [in, out] -> DequantizeLinear(axis=1, per output channel) -> MatMul/Gemm"
-        activations = "e4m3 per tensor: QuantizeLinear/DequantizeLinear, scale = calibrated amax / 448"
-        arithmetic = f"nvidia-modelopt {modelopt.__version__} FP8QTensor"
-        table = request.calibration
-        calibration = {"sha256": table.sha256, "checkpoint_sha256": table.checkpoint_sha256, **table.meta}
-        fusion = ""
-    else:
-        fmt = (f"{scheme.scheme.upper()} [in, out] -> DequantizeLinear(axis=0, block_size={scheme.block_size}, "
-               f"opset 21) -> MatMul/Gemm")
-        activations = "export dtype"
-        kernel = "quantize_qdq_matmul_4bits" if scheme.scheme == "int4" else "quantize_matmul_8bits"
-        arithmetic = f"onnxruntime {ort_version} {kernel} (symmetric)"
-        calibration = None
-        fusion = ORT_FUSION
-    return QuantRecord(scheme=scheme.scheme, block_size=scheme.block_size, weight_format=fmt, activations=activations,
-                       arithmetic=arithmetic, quantized_weights=count, kept=kept_summary(), calibration=calibration,
-                       ort_fusion=fusion, ort_accuracy_level=scheme.ort_accuracy_level)
+    table = request.calibration
+    return QuantRecord(
+        scheme="fp8", block_size=None,
+        weight_format="FLOAT8E4M3FN [in, out] -> DequantizeLinear(axis=1, per output channel) -> MatMul/Gemm",
+        activations="e4m3 per tensor: QuantizeLinear/DequantizeLinear, scale = calibrated amax / 448",
+        arithmetic=f"nvidia-modelopt {modelopt.__version__} FP8QTensor", quantized_weights=count,
+        kept=kept_summary(), calibration={"sha256": table.sha256, "checkpoint_sha256": table.checkpoint_sha256,
+                                          **table.meta})

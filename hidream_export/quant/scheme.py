@@ -117,11 +117,11 @@ class QuantRecord:
     """What a quantized export did: the manifest's `quant` field (engines/README.md documents it)."""
 
     scheme: str
-    block_size: int | None
-    weight_format: str  # how the graph holds the quantized weights
-    activations: str  # "export dtype" or the FP8 activation scaling
-    arithmetic: str  # the library whose kernels computed the codes and scales
-    quantized_weights: int  # linear weights quantized
+    block_size: int | None = None  # int8/int4 (fp8 is per channel)
+    weight_format: str = ""  # how the graph holds the quantized weights
+    activations: str = ""  # "export dtype" or the FP8 activation scaling
+    arithmetic: str = ""  # the library whose kernels computed the codes and scales
+    quantized_weights: int = 0  # linear weights quantized
     kept: dict[str, str] = field(default_factory=dict)  # weight group -> why it stays in the export dtype
     calibration: dict | None = None  # fp8: the calibration file's hash, checkpoint, prompts, recipe
     ort_fusion: str = ""  # what ONNX Runtime's CPU optimizer makes of the weight pattern
