@@ -36,8 +36,13 @@ QUIET_LOGGERS = ("torch", "torch.onnx", "torch.onnx._internal.exporter._registra
 # ---- subcommands -----------------------------------------------------------------------------------------
 
 def _cmd_info(args) -> int:
-    from hidream_export.info import checkpoint_info, format_info
+    from hidream_export.info import checkpoint_info, engine_folder_info, format_engine_folder_info, format_info
+    from hidream_export.manifest import MANIFEST_NAME
 
+    if (Path(args.checkpoint) / MANIFEST_NAME).is_file():  # an engine folder: what its manifest records
+        info = engine_folder_info(args.checkpoint)
+        print(json.dumps(info, indent=2) if args.json else format_engine_folder_info(info))
+        return 0
     info = checkpoint_info(args.checkpoint, config=args.config)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
@@ -285,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     variants = sorted(VARIANTS)
 
-    p = sub.add_parser("info", parents=[common], help="config, parameter counts and dtypes of a transformer checkpoint")
-    p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file")
+    p = sub.add_parser("info", parents=[common], help="config, parameter counts and dtypes of a transformer checkpoint "
+                                                     "(or an engine folder's components, dtypes and quantization)")
+    p.add_argument("checkpoint", help="model folder, transformer/ folder, single .safetensors file, or engine folder")
     p.add_argument("--config", help="preset name or config.json (needed for single-file checkpoints)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)

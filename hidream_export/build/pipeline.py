@@ -394,7 +394,7 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     opset          ONNX opset of every graph (default 20; 21 when anything is quantized)
     quant, quant_block, calibration, ort_accuracy_level
                    the transformer's quantization (export_transformer; hidream_export.quant)
-    quant_encoders weight-only int8/int4 of the T5 and Llama encoders (block and accuracy level as the default)
+    quant_encoders weight-only int8/int4 of the T5 and Llama encoders (with quant_block when given)
     exporter       the encoders'/VAE's exporter ("auto": dynamo, TorchScript fallback recorded in the manifest)
     link           how variant folders get the shared files: auto (reflink, else copy), reflink, hardlink or copy
     quiet          no progress bar for the transformer's weights
@@ -413,7 +413,9 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     if opset is None and (quant or quant_encoders):
         opset = MIN_OPSET  # blocked DequantizeLinear and FP8 types
     opset = check_opset(opset)
-    encoder_quant = QuantScheme.parse(quant_encoders, flag="--quant-encoders")
+    # --quant-block applies to the encoders too when given (their widths are multiples of 128 in the real model).
+    encoder_quant = QuantScheme.parse(quant_encoders, quant_block if quant_encoders and quant != "fp8" else None,
+                                      flag="--quant-encoders")
     if encoder_quant is not None and opset < MIN_OPSET:
         raise ExportError(f"--quant-encoders needs --opset {MIN_OPSET} or newer, got {opset}")
 

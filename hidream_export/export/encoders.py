@@ -431,7 +431,7 @@ def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, ops
     torch_of = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
                 ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.DOUBLE: torch.float64,
                 ir.DataType.INT64: torch.int64, ir.DataType.INT32: torch.int32, ir.DataType.BOOL: torch.bool}
-    slot_dtype = {s.name: torch_of[s.dtype] for s in slots}
+    slot_dtype = {s.name: torch_of[s.dtype] for s in slots if s.dtype in torch_of}  # quantized: QuantFetch
     tdtype = torch_dtype(dtype)
 
     def fetch(init: str):

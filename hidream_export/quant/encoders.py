@@ -27,7 +27,8 @@ def quantize_encoder(model, names: list[str], mapping: dict[str, str], entries: 
     from hidream_export.model.checkpoint import read_tensor_chunks
 
     sources = dict(mapping)  # float weight initializer -> checkpoint key, before the rewrite replaces them
-    names, count = quantize_graph(model, names, scheme, lambda name: True, strict=False)
+    names, count = quantize_graph(model, names, scheme, lambda name: True, strict=False,
+                                  flag="--quant-encoders")
     mapping.clear()
     for name in names:
         parsed = parse_quant_name(name)

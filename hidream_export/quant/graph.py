@@ -54,7 +54,7 @@ def _linear_uses(weight: ir.Value) -> list[tuple[str, ir.Node]] | None:
 
 
 def quantize_graph(model: ir.Model, weights: list[str], scheme: QuantScheme, quantize: Callable[[str], bool],
-                   strict: bool = True) -> tuple[list[str], int]:
+                   strict: bool = True, flag: str = "--quant") -> tuple[list[str], int]:
     """Rewrite every weight in `weights` that `quantize(name)` accepts and the graph uses as a linear layer's.
 
     Returns the weights to stream, in order (each quantized weight replaced by its qweight, weight_scale and,
@@ -73,12 +73,12 @@ def quantize_graph(model: ir.Model, weights: list[str], scheme: QuantScheme, qua
         if uses is None or weight.dtype not in FLOAT_TYPES:
             if strict:
                 consumers = sorted({n.op_type for n, _ in weight.uses()})
-                raise ExportError(f"--quant {scheme.scheme}: weight {name!r} is not used as a linear layer's "
+                raise ExportError(f"{flag} {scheme.scheme}: weight {name!r} is not used as a linear layer's "
                                   f"(consumers: {', '.join(consumers) or 'none'}); it cannot be quantized")
             out.append(name)
             continue
         shape = tuple(int(d) for d in weight.shape)
-        check_block(name, shape, scheme)
+        check_block(name, shape, scheme, flag)
         out.extend(_rewrite(graph, weight, shape, uses, scheme, count))
         count += 1
     graph.sort()

@@ -132,13 +132,13 @@ def _row_chunks(pieces: Iterable[bytes | memoryview], in_dim: int, rows_per_chun
         yield np.frombuffer(bytes(buffer), dtype=np.float32).reshape(-1, in_dim)
 
 
-def check_block(name: str, shape: tuple[int, ...], scheme: QuantScheme) -> None:
+def check_block(name: str, shape: tuple[int, ...], scheme: QuantScheme, flag: str = "--quant") -> None:
     """One line for a weight the scheme cannot quantize: not 2-D, or an input dim the block does not divide."""
     if len(shape) != 2:
-        raise ExportError(f"--quant {scheme.scheme}: weight {name!r} has shape {list(shape)}; only 2-D linear "
+        raise ExportError(f"{flag} {scheme.scheme}: weight {name!r} has shape {list(shape)}; only 2-D linear "
                           f"weights are quantized")
     if scheme.block_size and shape[1] % scheme.block_size:
-        raise ExportError(f"--quant {scheme.scheme} --quant-block {scheme.block_size}: weight {name!r} has input "
+        raise ExportError(f"{flag} {scheme.scheme} --quant-block {scheme.block_size}: weight {name!r} has input "
                           f"dimension {shape[1]}, which {scheme.block_size} does not divide; pick a block size that "
                           f"divides it")
 
