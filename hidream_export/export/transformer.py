@@ -248,14 +248,15 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
                       batch_range(v, max_images), dtype, opset, moe, q.scheme if q else None)
     settings = {**spec.to_key(), "streaming": streaming}
     sources = ckpt.files + ([ckpt.config_file] if ckpt.config_file else [])
+    checkpoint_hash = None
+    if q and q.calibration:  # before anything is written: ranges measured on another checkpoint are refused
+        checkpoint_hash = sha256_files(sources)
+        q.calibration.check_checkpoint(checkpoint_hash)
     check_out_dir(out_dir, [checkpoint if checkpoint.is_dir() else checkpoint.parent], create=not dry_run)
     if dry_run:
         action = "export"
-        if Manifest.read(out_dir, required=False) is not None or (q and q.calibration):
-            checkpoint_hash = sha256_files(sources)
-            if q and q.calibration:
-                q.calibration.check_checkpoint(checkpoint_hash)
         if Manifest.read(out_dir, required=False) is not None:
+            checkpoint_hash = checkpoint_hash or sha256_files(sources)
             key = settings_key(**settings, checkpoint=checkpoint_hash, version=own_version(), torch=_torch_version())
             manifest, prior = _manifest_for(out_dir, v, checkpoint_hash, settings, force)
             if prior is not None:
@@ -263,9 +264,7 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
         return ExportResult(out_dir, "planned", plan=plan_transformer_export(cfg, dtype, moe, out_dir, action,
                                                                               spec.quant))
     with folder_lock(out_dir):
-        checkpoint_hash = sha256_files(sources)
-        if q and q.calibration:
-            q.calibration.check_checkpoint(checkpoint_hash)
+        checkpoint_hash = checkpoint_hash or sha256_files(sources)
         key = settings_key(**settings, checkpoint=checkpoint_hash, version=own_version(), torch=_torch_version())
         manifest, prior = _manifest_for(out_dir, v, checkpoint_hash, settings, force)
         if prior is not None and not force and prior.settings_key == key and _intact(out_dir, manifest):

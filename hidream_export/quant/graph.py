@@ -98,6 +98,7 @@ def _rewrite(graph: ir.Graph, weight: ir.Value, shape: tuple[int, int], uses, sc
         attrs = {"axis": 0, "block_size": scheme.block_size}
     dq = ir.node("DequantizeLinear", [qweight, scale], attrs, name=f"node_dq_weight_{index}")
     dq.outputs[0].name = f"{weight.name}/dequantized"
+    dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(dtype), ir.Shape((n_in, n_out))
     first = uses[0][1]
     graph.insert_before(first, dq)
     products = []
