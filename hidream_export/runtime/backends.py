@@ -27,6 +27,7 @@ import numpy as np
 
 from hidream_export.errors import BackendUnavailable, ManifestError, RequestError
 from hidream_export.manifest import Component, Manifest, OnnxComponent, TransformerComponent
+from hidream_export.runtime.device import Device, DeviceArray, device_for
 
 __all__ = [
     "Backend",
@@ -151,6 +152,26 @@ class OrtSession:
             return dict(zip(self.output_names, self._session.run(self.output_names, arrays)))
         return self._run_with_ortvalues(arrays)
 
+    def run_bound(self, feeds: Mapping[str, Any], device: Any) -> dict[str, Any]:
+        """``run`` with inputs and outputs on ``device`` (a runtime.device.Device): DeviceArrays (or host
+        arrays, uploaded) in, DeviceArrays out, cast on the device to the dtypes the graph declares, so an
+        fp16/bf16 graph is fed without a host round trip."""
+        self._check_names(feeds)
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            kind = _ORT_TYPES.get(self.input_types[name])
+            if kind is None:
+                raise ManifestError(f"{self.path}: input {name!r} has type {self.input_types[name]}, which the "
+                                    f"I/O-bound loop cannot feed")
+            dtype = _bfloat16_dtype() if kind == "bfloat16" else np.dtype(kind)
+            if not isinstance(value, DeviceArray):
+                value = device.upload(np.asarray(value))
+            binding.bind_ortvalue_input(name, value.astype(dtype, copy=False).value)
+        for name in self.output_names:
+            binding.bind_output(name, device.device_type, device.device_id)
+        self._session.run_with_iobinding(binding)
+        return {name: device.wrap(value) for name, value in zip(self.output_names, binding.get_outputs())}
+
     def _run_with_ortvalues(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """bfloat16 path: onnxruntime's numpy bridge has no bfloat16, so inputs go in as OrtValues
         built from the raw 16-bit words and bfloat16 outputs are copied out of their buffers."""
@@ -246,6 +267,10 @@ class OrtBackend(Backend):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         return opts
+
+    def device(self) -> Device:
+        """Where this backend's sessions keep I/O-bound tensors: the first provider's device."""
+        return device_for(self._ort, self.providers)
 
     def load(self, path: Path, entry: Component) -> OrtSession:
         if not isinstance(entry, OnnxComponent):
