@@ -78,7 +78,7 @@ def lora_info(path: str | Path, checkpoint: str | Path | None = None, config=Non
     info = {"path": str(lora.path), "kind": "lora", "sha256": lora.sha256, "layout": lora.layout, "factors": lora.factors,
             "alpha": lora.alpha_from, "rslora": lora.rslora, "ranks": lora.ranks,
             "scalings": sorted({round(m.scaling, 6) for m in lora.modules.values()}), "modules": len(lora.modules),
-            "parameters": sum(m.down.size + m.up.size for m in lora.modules.values()),
+            "parameters": sum(m.rank * sum(m.shape) for m in lora.modules.values()),
             "targets": {kind: len(keys) for kind, keys in sorted(layers.items())}, "layers": dict(sorted(layers.items()))}
     if checkpoint is None and config is None:
         return info

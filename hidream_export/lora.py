@@ -67,7 +67,8 @@ FAMILY_HINTS = {"transformer_blocks": "Flux/SD3", "single_transformer_blocks": "
                 "lora_unet": "a kohya UNet", "blocks": "Wan/LTX-style transformers"}
 # The router weight is a bare parameter in diffusers' MoEGate (no nn.Linear), so peft cannot adapt it.
 NOT_LINEAR = (".ff_i.gate.weight",)
-FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # the float dtypes a LoRA tensor may have
+SCAN_BYTES = 64 * 2**20
 EXPORT_NUMPY_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16)}
 SHOWN = 3  # keys named in a message before "(+n more)"
 
@@ -124,21 +125,25 @@ class LoraRequest:
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted layer: the checkpoint key of the weight it changes, its factors (float32) and alpha/rank."""
+    """One adapted layer: the checkpoint key of the weight it changes, where its factors are, alpha/rank.
+
+    Factors are read when a delta is computed, not held: a LoRA on every layer of the 17B model is
+    gigabytes, and the export streams weights in memory that does not grow with the model."""
 
     key: str
-    down: np.ndarray  # A (rank, in)
-    up: np.ndarray  # B (out, rank)
+    path: Path
+    down_key: str  # A (rank, in)
+    up_key: str  # B (out, rank)
+    rank: int
+    shape: tuple[int, int]  # the shape of the weight it fits: (out, in)
     scaling: float  # alpha / rank (alpha / sqrt(rank) with rsLoRA)
 
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A, B) as float32, read from the file now."""
+        from safetensors import safe_open
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The shape of the weight it fits."""
-        return int(self.up.shape[0]), int(self.down.shape[1])
+        with safe_open(str(self.path), framework="numpy") as fh:
+            return fh.get_tensor(self.down_key).astype(np.float32), fh.get_tensor(self.up_key).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,8 @@ class LoraFile:
     def read(cls, path: str | Path) -> "LoraFile":
         """Read and check a LoRA file on its own (the model is checked by `check`)."""
         path = Path(path)
-        tensors, metadata = _read_safetensors(path)
-        layout, by_module, alphas = _split_keys(path, tensors)
+        shapes, scalars, metadata = _scan(path)
+        layout, by_module, alphas = _split_keys(path, shapes, scalars)
         config = _adapter_config(path, metadata, layout)
         if config is not None and alphas:
             raise CheckpointInputError(f"{path}: has both alpha tensors ({_listing(sorted(alphas))}) and "
@@ -177,19 +182,20 @@ class LoraFile:
             if lacking:
                 raise CheckpointInputError(f"{path}: module {module!r} has no {' and no '.join(lacking)} factor (a "
                                            f"LoRA module needs both)")
-            (down_key, down), (up_key, up) = parts["down"], parts["up"]
+            down_key, up_key = parts["down"], parts["up"]
+            down, up = shapes[down_key], shapes[up_key]
             factors.add("lora_A/lora_B" if down_key.endswith(".lora_A.weight") else "lora_down/lora_up")
-            if down.ndim != 2 or up.ndim != 2:
-                raise CheckpointInputError(f"{path}: {down_key} {list(down.shape)} and {up_key} {list(up.shape)} are not "
-                                           f"2-D factors of a linear layer's LoRA")
-            rank = down.shape[0]
-            if up.shape[1] != rank:
+            if len(down) != 2 or len(up) != 2:
+                raise CheckpointInputError(f"{path}: {down_key} {list(down)} and {up_key} {list(up)} are not 2-D "
+                                           f"factors of a linear layer's LoRA")
+            rank = down[0]
+            if up[1] != rank:
                 raise CheckpointInputError(f"{path}: rank mismatch in {module!r}: {down_key} has rank {rank}, {up_key} "
-                                           f"has {up.shape[1]} ({list(down.shape)} vs {list(up.shape)})")
+                                           f"has {up[1]} ({list(down)} vs {list(up)})")
             alpha = _module_alpha(path, module, rank, config, alphas)
             root = math.sqrt(rank) if config and config.get("use_rslora") else rank
-            modules[f"{module}.weight"] = LoraModule(f"{module}.weight", down.astype(np.float32),
-                                                     up.astype(np.float32), float(alpha) / root)
+            modules[f"{module}.weight"] = LoraModule(f"{module}.weight", path, down_key, up_key, rank,
+                                                     (up[0], down[1]), float(alpha) / root)
         if len(factors) > 1:
             raise CheckpointInputError(f"{path}: mixes lora_A/lora_B and lora_down/lora_up factor names")
         alpha_from = "metadata" if config is not None else ("alpha tensors" if alphas else "none (alpha = rank)")
@@ -272,7 +278,10 @@ def _pickled(path: Path) -> bool:
     return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _scan(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, float], dict[str, str]]:
+    """(every tensor's shape, every one-element tensor's value, the header's metadata), once every tensor
+    is checked to be a finite float. The file is opened again every SCAN_BYTES of tensors: safetensors
+    memory-maps it, and the pages a read touches stay resident until the file is closed."""
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
@@ -282,31 +291,49 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     if _pickled(path):
         raise CheckpointInputError(f"{path}: a pickle (PyTorch .pt/.bin/.ckpt) file; LoRAs are read from .safetensors "
                                    f"only and pickles are never opened (convert it with safetensors)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    scalars: dict[str, float] = {}
+    not_finite = []
     try:
         with safe_open(str(path), framework="numpy") as fh:
             metadata = dict(fh.metadata() or {})
-            keys = list(fh.keys())
-            dtypes = {k: fh.get_slice(k).get_dtype() for k in keys}
-            bad = [f"{k} ({d})" for k, d in dtypes.items() if d not in ("F16", "F32", "F64", "BF16")]
-            if bad:
-                raise CheckpointInputError(f"{path}: LoRA tensors must be floats: {_listing(bad)}")
-            tensors = {k: fh.get_tensor(k) for k in keys}
+            slices = {k: fh.get_slice(k) for k in fh.keys()}
+            dtypes = {k: sl.get_dtype() for k, sl in slices.items()}
+            shapes = {k: tuple(int(d) for d in sl.get_shape()) for k, sl in slices.items()}
+        bad = [f"{k} ({d})" for k, d in dtypes.items() if d not in _ITEMSIZE]
+        if bad:
+            raise CheckpointInputError(f"{path}: LoRA tensors must be floats: {_listing(sorted(bad))}")
+        batches, size = [[]], 0
+        for key in sorted(shapes):
+            size += math.prod(shapes[key]) * _ITEMSIZE[dtypes[key]]
+            if size > SCAN_BYTES and batches[-1]:
+                batches.append([])
+                size = math.prod(shapes[key]) * _ITEMSIZE[dtypes[key]]
+            batches[-1].append(key)
+        for batch in batches:
+            with safe_open(str(path), framework="numpy") as fh:
+                for key in batch:
+                    tensor = fh.get_tensor(key).astype(np.float32)
+                    if not np.isfinite(tensor).all():
+                        not_finite.append(key)
+                    if tensor.size == 1:
+                        scalars[key] = float(tensor.reshape(-1)[0])
+                    del tensor
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         if isinstance(exc, CheckpointInputError):
             raise
         raise CheckpointInputError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())[:200]})") \
             from None
-    if not tensors:
+    if not shapes:
         raise CheckpointInputError(f"{path}: holds no tensors")
-    not_finite = [k for k, t in tensors.items() if not np.isfinite(t.astype(np.float32)).all()]
     if not_finite:
         raise CheckpointInputError(f"{path}: NaN or inf in {len(not_finite)} tensor(s): {_listing(sorted(not_finite))}")
-    return tensors, metadata
+    return shapes, scalars, metadata
 
 
-def _split_keys(path: Path, tensors: Mapping[str, np.ndarray]):
-    """(layout, module -> {"down"/"up": (key, tensor)}, module -> alpha) with every key accounted for."""
-    keys = sorted(tensors)
+def _split_keys(path: Path, shapes: Mapping[str, tuple[int, ...]], scalars: Mapping[str, float]):
+    """(layout, module -> {"down"/"up": key}, module -> alpha) with every key accounted for."""
+    keys = sorted(shapes)
     others = [k for k in keys if k.startswith(OTHER_COMPONENTS)]
     if others:
         raise CheckpointInputError(f"{path}: has LoRA keys for other components than the transformer (text encoders?): "
@@ -318,16 +345,16 @@ def _split_keys(path: Path, tensors: Mapping[str, np.ndarray]):
     layout = found.pop() if found else "peft"
     prefix = next((p for p, name in LAYOUT_PREFIXES.items() if name == layout), "")
     schemes: dict[str, list[str]] = {}
-    by_module: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
+    by_module: dict[str, dict[str, str]] = {}
     alphas: dict[str, float] = {}
     for key in keys:
         rest = key[len(prefix):]
         suffix = next((s for s in FACTORS if rest.endswith(s)), None)
         if suffix is not None:
-            by_module.setdefault(rest[: -len(suffix)], {})[FACTORS[suffix]] = (key, tensors[key])
+            by_module.setdefault(rest[: -len(suffix)], {})[FACTORS[suffix]] = key
             continue
-        if rest.endswith(ALPHA) and tensors[key].size == 1:
-            alphas[rest[: -len(ALPHA)]] = float(tensors[key].astype(np.float64).reshape(-1)[0])
+        if rest.endswith(ALPHA) and key in scalars:
+            alphas[rest[: -len(ALPHA)]] = scalars[key]
             continue
         scheme = next((name for frag, name in OTHER_SCHEMES.items() if frag in rest), "not a LoRA factor")
         schemes.setdefault(scheme, []).append(key)
@@ -435,22 +462,29 @@ class LoraSet:
         """What makes two sets give the same weights (hash and scale, in order; not the file names)."""
         return [{"sha256": f.sha256, "scale": s} for f, s in self.items]
 
-    def delta(self, key: str, rows: slice = slice(None)) -> np.ndarray:
-        """float32 delta of weight `key` (its `rows`): sum of scale * alpha/rank * (B @ A)."""
-        out = None
+    def terms(self, key: str) -> list[tuple[np.float32, np.ndarray, np.ndarray]]:
+        """(scale * alpha/rank, A, B) of every LoRA that changes weight `key`, factors read now."""
+        terms = []
         for lora, scale in self.items:
             module = lora.modules.get(key)
-            if module is None:
-                continue
-            part = np.float32(scale * module.scaling) * (module.up[rows] @ module.down)
-            out = part if out is None else out + part
-        if out is None:
+            if module is not None:
+                terms.append((np.float32(scale * module.scaling), *module.factors()))
+        if not terms:
             raise KeyError(key)
+        return terms
+
+    @staticmethod
+    def delta(terms, rows: slice = slice(None)) -> np.ndarray:
+        """float32 delta (its `rows`) of one weight: sum of scale * alpha/rank * (B @ A) over `terms`."""
+        out = None
+        for coefficient, down, up in terms:
+            part = coefficient * (up[rows] @ down)
+            out = part if out is None else out + part
         return out
 
     def fused(self, key: str, base: np.ndarray) -> np.ndarray:
         """`base` + delta, added in float32 and cast back to base's dtype once."""
-        return (base.astype(np.float32) + self.delta(key)).astype(base.dtype)
+        return (base.astype(np.float32) + self.delta(self.terms(key))).astype(base.dtype)
 
     def fuse_pieces(self, key: str, shape: Sequence[int], pieces: Iterable[np.ndarray], dtype: np.dtype
                     ) -> Iterator[memoryview]:
@@ -458,13 +492,14 @@ class LoraSet:
         piece (flat arrays of any length): only the delta rows a piece covers are computed, so memory
         stays at one piece whatever the weight's size."""
         cols = int(shape[1])
+        terms = self.terms(key)
         start = 0
         for piece in pieces:
             n = piece.size
             if not n:
                 continue
             first, last = start // cols, (start + n - 1) // cols + 1
-            rows = self.delta(key, slice(first, last)).reshape(-1)
+            rows = self.delta(terms, slice(first, last)).reshape(-1)
             offset = start - first * cols
             out = (piece.astype(np.float32, copy=False) + rows[offset:offset + n]).astype(dtype)
             start += n
