@@ -475,16 +475,22 @@ class LoraSet:
 
     @staticmethod
     def delta(terms, rows: slice = slice(None)) -> np.ndarray:
-        """float32 delta (its `rows`) of one weight: sum of scale * alpha/rank * (B @ A) over `terms`."""
+        """float32 delta (its `rows`) of one weight: sum of scale * alpha/rank * (B @ A) over `terms` (the
+        small factor B is scaled, not the product: one weight-sized array, not two)."""
         out = None
         for coefficient, down, up in terms:
-            part = coefficient * (up[rows] @ down)
-            out = part if out is None else out + part
+            part = np.matmul(up[rows] * coefficient, down)
+            if out is None:
+                out = part
+            else:
+                out += part
         return out
 
     def fused(self, key: str, base: np.ndarray) -> np.ndarray:
         """`base` + delta, added in float32 and cast back to base's dtype once."""
-        return (base.astype(np.float32) + self.delta(self.terms(key))).astype(base.dtype)
+        out = self.delta(self.terms(key))
+        np.add(base, out, out=out)
+        return out if base.dtype == out.dtype else out.astype(base.dtype)
 
     def fuse_pieces(self, key: str, shape: Sequence[int], pieces: Iterable[np.ndarray], dtype: np.dtype
                     ) -> Iterator[memoryview]:
@@ -501,7 +507,7 @@ class LoraSet:
             first, last = start // cols, (start + n - 1) // cols + 1
             rows = self.delta(terms, slice(first, last)).reshape(-1)
             offset = start - first * cols
-            out = (piece.astype(np.float32, copy=False) + rows[offset:offset + n]).astype(dtype)
+            out = np.add(piece, rows[offset:offset + n], dtype=np.float32).astype(dtype, copy=False)
             start += n
             yield memoryview(out.view(np.uint8))
         total = math.prod(int(d) for d in shape)

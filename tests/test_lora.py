@@ -343,3 +343,46 @@ def test_refit_weights_go_through_the_engine_name_map(loras, base):
         plain = TrtEngineComponent(path="t.plan", files={}, flags={"refit": mode}, refit=None)
         with pytest.raises(RequestError, match="not refittable"):
             engine_refit_weights(plain, update.initializers)
+
+
+def test_trt_session_refit_sets_the_mapped_weights_and_drops_cuda_graphs(loras, base):
+    """TrtSession.refit's calls into TensorRT, with a stand-in for the tensorrt module (no GPU here): one
+    set_named_weights per mapped engine weight, with its dtype and element count, then one refit; CUDA
+    graphs captured before are dropped (they would replay the old weights' pointers)."""
+    from types import SimpleNamespace
+
+    from hidream_export.runtime.trt_backend import TrtSession, _BufferSet
+
+    folder = base[0]
+    update = resolve(folder, Manifest.read(folder), [(loras["detail-peft"], 0.5)])
+    calls, destroyed = [], []
+
+    class Refitter:
+        def __init__(self, engine, logger):
+            calls.append(("refitter", engine))
+
+        def set_named_weights(self, name, weights):
+            calls.append((name, weights.dtype, weights.count))
+            return True
+
+        def get_missing_weights(self):
+            return []
+
+        def refit_cuda_engine(self):
+            calls.append("refit")
+            return True
+
+    trt = SimpleNamespace(Refitter=Refitter, float32="FLOAT", float16="HALF", bfloat16="BF16",
+                          Weights=lambda dtype, pointer, count: SimpleNamespace(dtype=dtype, count=count))
+    session = object.__new__(TrtSession)  # no CUDA context: only the refit path is exercised
+    session._trt, session.engine, session.path = trt, "engine", Path("transformer.plan")
+    session._cudart = SimpleNamespace(cudaGraphExecDestroy=destroyed.append, cudaGraphDestroy=destroyed.append)
+    session.entry = TrtEngineComponent(path="transformer.plan", files={}, flags={"refit": True},
+                                       refit={"name_map": {n: f"w/{n}" for n in update.initializers}})
+    captured = _BufferSet()
+    captured.graph, captured.graph_exec, captured.warm = "graph", "exec", True
+    session._buffers = {"shapes": captured}
+    session.refit(update.initializers, logger=None)
+    assert calls[0] == ("refitter", "engine") and calls[-1] == "refit"
+    assert sorted(calls[1:-1]) == sorted((f"w/{n}", "FLOAT", v.size) for n, v in update.initializers.items())
+    assert destroyed == ["exec", "graph"] and captured.graph_exec is None and not captured.warm

@@ -17,6 +17,8 @@
 #      against the saved PyTorch outputs, with the Python plugin registered (tools/gpu_check.py)
 #   8. Triton kernel tests on the GPU (pytest tests/test_moe_triton.py, TRITON_INTERPRET unset)
 #   9. timing table: PyTorch eager bf16 vs the `triton` lowering vs the TensorRT engine, per step
+#  10. a LoRA applied at load time: the engine refit through its name map vs PyTorch with the LoRA fused,
+#      and refit back to the folder's weights (tools/gpu_check.py lora)
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -196,6 +198,17 @@ if [[ "$BUILT" == 1 ]]; then
   fi
 else
   verdict SKIP timing "no engine (the build failed)"
+fi
+
+# ---- 10. a LoRA applied at load time: TensorRT refit through the engine's name map ----------------------------------
+if [[ "$BUILT" == 1 ]]; then
+  if run_step lora "$LOGS/lora.log" "$PY" tools/gpu_check.py lora "$OUT" "$CKPT"; then
+    verdict PASS "lora (trt refit)" "$(grep -E '^refit' "$LOGS/lora.log" | tail -1)"
+  else
+    verdict FAIL "lora (trt refit)" "see $LOGS/lora.log"
+  fi
+else
+  verdict SKIP "lora (trt refit)" "no engine (the build failed)"
 fi
 
 summary
