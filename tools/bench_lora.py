@@ -62,16 +62,8 @@ def write_loras(config, work: Path, rank: int) -> dict[str, Path]:
                                                   random_factors(config, attention + ffn, rank, seed=2), "diffusers")}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_switch(args) -> None:
+    from bench_export import median_time  # one warm-up call, then the median of `repeats`
     from bench_runtime import prepare
 
     from hidream_export.lora import LoraFile
@@ -89,14 +81,13 @@ def bench_switch(args) -> None:
     def load(**kw):
         return Pipeline.from_dir(engines, threads=args.threads, progress=False, verify=False, **kw)
 
-    load()  # warm the page cache, so every row reads from memory alike
-    rows = {"cold load, no LoRA": median_seconds(load, args.repeats),
-            "cold load with LoRA A": median_seconds(lambda: load(loras=a), args.repeats)}
+    rows = {"cold load, no LoRA": median_time(load, args.repeats),
+            "cold load with LoRA A": median_time(lambda: load(loras=a), args.repeats)}
     pipe = load(loras=a)
     backend, key = pipe.backend, "transformer"
-    rows["transformer session alone (no LoRA)"] = median_seconds(
+    rows["transformer session alone (no LoRA)"] = median_time(
         lambda: backend.load(manifest.file_path(engines, key), manifest.components[key]), args.repeats)
-    rows["LoRA B's new weights (read + deltas)"] = median_seconds(lambda: resolve(engines, manifest, b), args.repeats)
+    rows["LoRA B's new weights (read + deltas)"] = median_time(lambda: resolve(engines, manifest, b), args.repeats)
     switches = {"set_loras A -> B": [], "set_loras B -> none": [], "set_loras none -> A": []}
     for _ in range(args.repeats):
         for label, target in (("set_loras A -> B", b), ("set_loras B -> none", []), ("set_loras none -> A", a)):
@@ -104,7 +95,7 @@ def bench_switch(args) -> None:
             pipe.set_loras(target)
             switches[label].append(time.perf_counter() - t0)
     rows.update({k: statistics.median(v) for k, v in switches.items()})
-    rows["set_loras A -> A (already applied)"] = median_seconds(lambda: pipe.set_loras(a), args.repeats)
+    rows["set_loras A -> A (already applied)"] = median_time(lambda: pipe.set_loras(a), args.repeats)
     cold = rows["cold load, no LoRA"]
     print(f"engine folder: {engines} (preset {args.preset}, {args.variant}); LoRAs rank {args.rank}: "
           + ", ".join(f"{k} {n} modules" for k, n in sizes.items()) + f"; {pipe.backend.describe()}; "
