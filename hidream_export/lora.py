@@ -47,7 +47,7 @@ __all__ = ["LoraFile", "LoraModule", "LoraRequest", "LoraSet", "load_loras", "lo
 
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig in a safetensors header
 LAYOUT_PREFIXES = {"transformer.": "diffusers", "diffusion_model.": "non-diffusers"}
-# key suffix -> (which factor, how trainers spell it)
+# key suffix -> which factor it is: A ("down", rank x in) or B ("up", out x rank), as each layout names them
 FACTORS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down", ".lora_up.weight": "up"}
 ROLE_NAMES = {"down": "lora_A/lora_down", "up": "lora_B/lora_up"}
 ALPHA = ".alpha"
@@ -116,9 +116,6 @@ class LoraRequest:
                 or not math.isfinite(float(scale)):
             raise CheckpointInputError(f"{flag} {path}: the scale must be a finite number, got {scale!r}")
         return cls(Path(path), float(scale))
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.scale:g}"
 
 
 # ---- one file ------------------------------------------------------------------------------------------------
@@ -224,14 +221,6 @@ class LoraFile:
         if wrong:
             shown = [f"{_module(k)} (LoRA {list(self.modules[k].shape)}, weight {list(shapes[k])})" for k in wrong]
             raise CheckpointInputError(f"{self.path}: shape mismatch with {model}: {_listing(shown)}")
-
-    def kinds(self) -> dict[str, int]:
-        """How many modules it adapts, per kind of layer (see module_kind)."""
-        counts: dict[str, int] = {}
-        for key in self.modules:
-            kind = module_kind(key)
-            counts[kind] = counts.get(kind, 0) + 1
-        return dict(sorted(counts.items()))
 
 
 def _module(key: str) -> str:

@@ -9,6 +9,9 @@ Output: OUT/transformer/model.onnx with its weights always in external data (mod
   Softmax -> TopK) and is computed from the inputs: nothing of the sample input's routing is baked in.
 - Streaming (default): traced on fake tensors block by block (blockwise.py), weights streamed from the
   checkpoint (streaming.py); resumable. Plain (`streaming=False`): the usual load-then-export recipe.
+- LoRAs (`--lora FILE[:SCALE]`, hidream_export.lora) are fused into the weights as they are written: each
+  adapted weight gets its delta added in float32 before the one cast to the export dtype, piece by piece
+  on the streaming path. The manifest records them, and another set of LoRAs is another export.
 - Clean-up: the onnxscript optimizer, ONNX shape inference (into a new file, renamed) and the
   path-based `onnx.checker`.
 - Safety: `--out` is locked for the run, must not be or hold the checkpoint, and must be empty or an
