@@ -7,7 +7,8 @@
     python tools/bench_lora.py --export-rss DIR --sparse real      # writes DIR as a zero-weight sparse checkpoint
 
 1. (default) On a `--preset` engine folder (built as tools/bench_runtime.py builds it; `--engines` reuses
-   one), in one process, medians of --repeats: a cold `Pipeline.from_dir` without and with a LoRA, then
+   one), in one process, medians of --repeats rounds (each round runs every step once, so a busy machine
+   slows every row alike): a cold `Pipeline.from_dir` without and with a LoRA, then
    `set_loras` from one LoRA to another, to none, and to the set already applied, and, for scale, the
    transformer session alone. LoRA A adapts every attention projection; LoRA B every attention projection
    and every MoE expert and shared expert, rank --rank.
@@ -63,7 +64,6 @@ def write_loras(config, work: Path, rank: int) -> dict[str, Path]:
 
 
 def bench_switch(args) -> None:
-    from bench_export import median_time  # one warm-up call, then the median of `repeats`
     from bench_runtime import prepare
 
     from hidream_export.lora import LoraFile
@@ -81,21 +81,30 @@ def bench_switch(args) -> None:
     def load(**kw):
         return Pipeline.from_dir(engines, threads=args.threads, progress=False, verify=False, **kw)
 
-    rows = {"cold load, no LoRA": median_time(load, args.repeats),
-            "cold load with LoRA A": median_time(lambda: load(loras=a), args.repeats)}
-    pipe = load(loras=a)
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    pipe = load(loras=a)  # also warms the page cache, so every row reads from memory alike
     backend, key = pipe.backend, "transformer"
-    rows["transformer session alone (no LoRA)"] = median_time(
-        lambda: backend.load(manifest.file_path(engines, key), manifest.components[key]), args.repeats)
-    rows["LoRA B's new weights (read + deltas)"] = median_time(lambda: resolve(engines, manifest, b), args.repeats)
-    switches = {"set_loras A -> B": [], "set_loras B -> none": [], "set_loras none -> A": []}
+    steps = {
+        "cold load, no LoRA": load,
+        "cold load with LoRA A": lambda: load(loras=a),
+        "transformer session alone (no LoRA)": lambda: backend.load(manifest.file_path(engines, key),
+                                                                    manifest.components[key]),
+        "LoRA B's new weights (read + deltas)": lambda: resolve(engines, manifest, b),
+        "set_loras A -> B": lambda: pipe.set_loras(b),
+        "set_loras B -> none": lambda: pipe.set_loras([]),
+        "set_loras none -> A": lambda: pipe.set_loras(a),
+        "set_loras A -> A (already applied)": lambda: pipe.set_loras(a),
+    }
+    # Interleaved, one of each per round, so a busy machine slows every row alike.
+    times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(args.repeats):
-        for label, target in (("set_loras A -> B", b), ("set_loras B -> none", []), ("set_loras none -> A", a)):
-            t0 = time.perf_counter()
-            pipe.set_loras(target)
-            switches[label].append(time.perf_counter() - t0)
-    rows.update({k: statistics.median(v) for k, v in switches.items()})
-    rows["set_loras A -> A (already applied)"] = median_time(lambda: pipe.set_loras(a), args.repeats)
+        for label, fn in steps.items():
+            times[label].append(timed(fn))
+    rows = {label: statistics.median(t) for label, t in times.items()}
     cold = rows["cold load, no LoRA"]
     print(f"engine folder: {engines} (preset {args.preset}, {args.variant}); LoRAs rank {args.rank}: "
           + ", ".join(f"{k} {n} modules" for k, n in sizes.items()) + f"; {pipe.backend.describe()}; "

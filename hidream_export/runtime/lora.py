@@ -76,11 +76,16 @@ class FolderWeights:
         """Refuse, in one line, LoRAs this folder's transformer cannot take at load time."""
         model = f"the transformer of {self.folder}"
         absent = [k for k in lora_set.keys if k not in self.by_key]
-        if absent and not self.entry.streaming:
+        # A streaming export writes every checkpoint weight as an initializer of the same name (the export
+        # checks it); one that renames any (a plain export's folded or stacked weights, experts a lowering
+        # rearranges) cannot tell a weight it rearranged from one the model lacks.
+        keeps_names = self.entry.streaming and all(
+            name == key or name.startswith("rope.") for name, key in self.entry.initializer_map.items())
+        if absent and not keeps_names:
             shown = ", ".join(k.removesuffix(".weight") for k in absent[:3]) + (" ..." if len(absent) > 3 else "")
-            raise RequestError(f"{self.folder}: its plain (--no-streaming) export has no initializer named after "
-                               f"{len(absent)} LoRA module weight(s) ({shown}): not layers of this transformer, or "
-                               f"weights the exporter folded or stacked (e.g. --moe plugin's experts); fuse the LoRA at "
+            raise RequestError(f"{self.folder}: its export has no initializer named after {len(absent)} LoRA module "
+                               f"weight(s) ({shown}): weights it folded or rearranged (a --no-streaming export, "
+                               f"stacked or interleaved experts) or not layers of this transformer; fuse the LoRA at "
                                f"build time instead (build/export --lora FILE)")
         lora_set.check({k: self.initializers[n].shape for k, n in self.by_key.items()}, model)
         inline = [k for k in lora_set.keys if self.initializers[self.by_key[k]].location is None]
