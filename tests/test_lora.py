@@ -243,6 +243,19 @@ def test_a_plain_export_that_stacks_experts_refuses_load_time_loras(fused, loras
     assert "\n" not in str(err.value)
 
 
+def test_an_export_that_rearranges_weights_refuses_load_time_loras(loras, base):
+    """A lowering that stores some expert under another initializer (as an interleaving one would) cannot take
+    a LoRA on it at load time: one line saying to fuse it at build time, not that the model lacks it."""
+    folder = base[0]
+    manifest = Manifest.read(folder)
+    expert = f"{STYLE_MODULES[3]}.weight"
+    manifest.transformer.initializer_map = {("interleaved_experts" if k == expert else k): v
+                                            for k, v in manifest.transformer.initializer_map.items()}
+    with pytest.raises(RequestError, match=r"1 LoRA module weight\(s\) .*experts.0.w1.*fuse the LoRA at build time"):
+        resolve(folder, manifest, [(loras["style-diffusers"], 1.0)])
+    resolve(folder, manifest, [(loras["detail-diffusers"], 1.0)])  # LoRAs on other weights still apply
+
+
 # ---- refusals ---------------------------------------------------------------------------------------------
 
 def _bad_files(root: Path, factors) -> dict[str, tuple[Path, str]]:
