@@ -399,3 +399,12 @@ def test_trt_session_refit_sets_the_mapped_weights_and_drops_cuda_graphs(loras, 
     assert calls[0] == ("refitter", "engine") and calls[-1] == "refit"
     assert sorted(calls[1:-1]) == sorted((f"w/{n}", "FLOAT", v.size) for n, v in update.initializers.items())
     assert destroyed == ["exec", "graph"] and captured.graph_exec is None and not captured.warm
+
+
+def test_build_refuses_a_bad_lora_before_writing_anything(tiny_models, bad_files, tmp_path, capsys):
+    out = tmp_path / "engines" / "full"
+    rc = cli_main(["build", str(tiny_models("full")), "--variant", "full", "--out", str(out),
+                   "--lora", f"{bad_files['flux'][0]}:0.5"])
+    stderr = capsys.readouterr().err.strip()
+    assert rc == 2 and len(stderr.splitlines()) == 1 and "not a LoRA for this HiDream-I1 transformer" in stderr
+    assert not (tmp_path / "engines").exists()
