@@ -36,8 +36,15 @@ QUIET_LOGGERS = ("torch", "torch.onnx", "torch.onnx._internal.exporter._registra
 # ---- subcommands -----------------------------------------------------------------------------------------
 
 def _cmd_info(args) -> int:
-    from hidream_export.info import checkpoint_info, format_info
+    from hidream_export.info import checkpoint_info, format_info, format_lora_info, lora_info
+    from hidream_export.lora import looks_like_lora
 
+    if looks_like_lora(args.checkpoint) or Path(args.checkpoint).suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        info = lora_info(args.checkpoint, checkpoint=args.against, config=args.config)
+        print(json.dumps(info, indent=2) if args.json else format_lora_info(info))
+        return 0 if info.get("fits", True) else 1
+    if args.against:
+        raise HiDreamExportError(f"--checkpoint goes with a LoRA file; {args.checkpoint} is not one")
     info = checkpoint_info(args.checkpoint, config=args.config)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
@@ -49,7 +56,7 @@ def _cmd_export(args) -> int:
     result = export_transformer(
         args.checkpoint, args.variant, args.out, moe=args.moe, dtype=args.dtype, opset=args.opset,
         min_size=args.min_size, max_size=args.max_size, opt_size=args.opt_size, config=args.config,
-        force=args.force, streaming=not args.no_streaming, dry_run=args.dry_run, quiet=args.quiet)
+        force=args.force, streaming=not args.no_streaming, loras=args.lora, dry_run=args.dry_run, quiet=args.quiet)
     if result.plan is not None:
         print(result.plan.format())
         return 0
@@ -107,7 +114,7 @@ def _cmd_build(args) -> int:
     manifest = build_pipeline(
         args.checkpoint, args.variant, out, llama=args.llama, moe=args.moe, dtype=args.dtype,
         encoder_dtype=args.encoder_dtype, force=args.force, trt=args.trt, opset=args.opset, link=args.link,
-        trt_options=_trt_options(args) if args.trt else None, quiet=args.quiet)
+        trt_options=_trt_options(args) if args.trt else None, loras=args.lora, quiet=args.quiet)
     print(f"built {out}: " + ", ".join(sorted(manifest.components)))
     return 0
 
@@ -121,7 +128,7 @@ def _generate_options(args):
         seed=args.seed, steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height,
         any_size=args.any_size, scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=providers,
         threads=args.threads, verify=not args.no_verify, progress=False if args.quiet else None,
-        report_json=Path(args.json) if args.json else None, allow_cfg=args.allow_cfg)
+        report_json=Path(args.json) if args.json else None, allow_cfg=args.allow_cfg, loras=args.lora)
 
 
 def _print_generated(done, quiet: bool) -> None:
@@ -232,6 +239,22 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="REPORT.json", default=None, help="write settings and timings as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timing table; only the seed line")
     p.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg, .webp, ...)")
+    _add_lora_argument(p, "applied to the transformer at load time (the folder's files are not changed)")
+
+
+def _lora_request(text: str):
+    from hidream_export.lora import LoraRequest
+
+    try:
+        return LoraRequest.parse(text)
+    except HiDreamExportError as exc:
+        raise argparse.ArgumentTypeError(one_line(exc)) from None
+
+
+def _add_lora_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--lora", action="append", default=[], type=_lora_request, metavar="FILE[:SCALE]",
+                   help=f"a LoRA .safetensors file (diffusers/peft or diffusion_model.* layout) and its scale (default "
+                        f"1.0), {what}; repeat to stack LoRAs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,9 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     variants = sorted(VARIANTS)
 
-    p = sub.add_parser("info", parents=[common], help="config, parameter counts and dtypes of a transformer checkpoint")
-    p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file")
-    p.add_argument("--config", help="preset name or config.json (needed for single-file checkpoints)")
+    p = sub.add_parser("info", parents=[common],
+                       help="config, parameter counts and dtypes of a transformer checkpoint, or what a LoRA adapts")
+    p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file; or a LoRA file")
+    p.add_argument("--config", help="preset name or config.json (single-file checkpoints; for a LoRA: check it fits)")
+    p.add_argument("--checkpoint", dest="against", metavar="MODEL",
+                   help="for a LoRA: check that it fits this checkpoint (model folder, transformer/ or single file)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)
 
@@ -266,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-streaming", action="store_true",
                    help="export a loaded model (holds all weights in memory) instead of streaming them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_lora_argument(p, "fused into the exported weights")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("compare", parents=[common], help="PyTorch reference vs ONNX Runtime on the same random inputs")
@@ -301,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-export everything")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    _add_lora_argument(p, "fused into the transformer's exported weights")
     _add_trt_arguments(p)
     p.set_defaults(func=_cmd_build)
 

@@ -39,15 +39,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from hidream_export.errors import ExportError, HiDreamExportError, one_line
 from hidream_export.export import encoders as encoders_mod
 from hidream_export.export import tokenizers as tokenizers_mod
 from hidream_export.export import vae as vae_mod
-from hidream_export.export.common import (DATA_NAME, DEFAULT_OPSET, EXPORTERS, ONNX_NAME, check_opset, model_source_files,
-                                          own_version)
-from hidream_export.export.transformer import check_out_dir, export_transformer
+from hidream_export.export.common import (DATA_NAME, DEFAULT_OPSET, EXPORTERS, ONNX_NAME, check_opset, model_errors,
+                                          model_source_files, own_version)
+from hidream_export.export.transformer import check_out_dir, checkpoint_loras, export_transformer
 from hidream_export.files import (atomic_write_json, file_record, folder_lock, read_json_object, remove_tree, sha256_file,
                                   sha256_files, staged_dir, swap_dir)
 from hidream_export.manifest import (SHARED_DIR, Component, FileRecord, Manifest, SchedulerComponent, SharedRef,
@@ -371,7 +371,7 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
                    llama: str | Path | None = None, moe: str = "gather", dtype: str = "fp32",
                    encoder_dtype: str = "fp32", shared_root: str | Path | None = None, force: bool = False,
                    trt: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "auto", link: str = "auto",
-                   trt_options=None, quiet: bool = True) -> Manifest:
+                   trt_options=None, loras: Sequence = (), quiet: bool = True) -> Manifest:
     """Export everything `variant` needs from a HiDream-I1 model folder into one engine folder; return its
     manifest (also written to OUT/manifest.json).
 
@@ -387,6 +387,7 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     opset          ONNX opset of every graph
     exporter       the encoders'/VAE's exporter ("auto": dynamo, TorchScript fallback recorded in the manifest)
     link           how variant folders get the shared files: auto (reflink, else copy), reflink, hardlink or copy
+    loras          LoRAs fused into the transformer's weights (export_transformer's `loras`)
     quiet          no progress bar for the transformer's weights
     """
     v = get_variant(variant)
@@ -412,6 +413,12 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     # Every source is checked (read and hashed) before the transformer export, which can take an hour.
     plan = plan_shared_components(checkpoint, llama, encoder_dtype=encoder_dtype, opset=opset, exporter=exporter)
     scheduler_config = _read_scheduler(checkpoint)
+    if loras:  # read and fitted to the checkpoint's headers before anything is written
+        from hidream_export.model.checkpoint import locate_checkpoint
+
+        with model_errors():
+            ckpt = locate_checkpoint(checkpoint)
+        loras = checkpoint_loras(ckpt, loras)
     check_out_dir(out_dir, [checkpoint, *{comp.source for comp in plan}])
     for comp in plan:
         _check_source(comp)
@@ -420,7 +427,7 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     with folder_lock(out_dir):
         # export_transformer reuses an up-to-date export (same checkpoint and settings, files intact) by itself.
         result = export_transformer(checkpoint, v, out_dir, moe=moe, dtype=dtype, opset=opset, force=force,
-                                    quiet=quiet)
+                                    loras=loras, quiet=quiet)
         if result.reused:
             log.info("transformer: %s is up to date; not exporting it again", out_dir / "transformer")
 

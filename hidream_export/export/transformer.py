@@ -9,6 +9,9 @@ Output: OUT/transformer/model.onnx with its weights always in external data (mod
   Softmax -> TopK) and is computed from the inputs: nothing of the sample input's routing is baked in.
 - Streaming (default): traced on fake tensors block by block (blockwise.py), weights streamed from the
   checkpoint (streaming.py); resumable. Plain (`streaming=False`): the usual load-then-export recipe.
+- LoRAs (`--lora FILE[:SCALE]`, hidream_export.lora) are fused into the weights as they are written: each
+  adapted weight gets its delta added in float32 before the one cast to the export dtype, piece by piece
+  on the streaming path. The manifest records them, and another set of LoRAs is another export.
 - Clean-up: the onnxscript optimizer, ONNX shape inference (into a new file, renamed) and the
   path-based `onnx.checker`.
 - Safety: `--out` is locked for the run, must not be or hold the checkpoint, and must be empty or an
@@ -22,6 +25,9 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from hidream_export.errors import ExportError
 from hidream_export.export.common import (DATA_NAME, ONNX_NAME, check_opset, model_errors, own_version,
@@ -29,6 +35,7 @@ from hidream_export.export.common import (DATA_NAME, ONNX_NAME, check_opset, mod
 from hidream_export.export.spec import ExportSpec, dynamic_shapes, sample_inputs
 from hidream_export.files import (LOCK_NAME, folder_lock, remove_tree, replace_file, sha256_files, staged_dir,
                                   swap_dir)
+from hidream_export.lora import EXPORT_NUMPY_DTYPES, LoraSet, load_loras
 from hidream_export.manifest import (MANIFEST_NAME, FileRecord, Manifest, PluginRequirement, TensorSpec,
                                      TransformerComponent)
 from hidream_export.model.lowerings import EXPORT_LOWERINGS
@@ -196,6 +203,14 @@ def plan_transformer_export(config, dtype: str, moe: str, out_dir: Path, action:
                       len(shapes) + n_rope, len(shapes), dtype)
 
 
+def checkpoint_loras(ckpt, loras: "Sequence | LoraSet") -> LoraSet:
+    """`loras` read (unless already a LoraSet) and each checked against the checkpoint's weights, from
+    its headers; CheckpointInputError naming the file and keys on the first that does not fit."""
+    lora_set = loras if isinstance(loras, LoraSet) else load_loras(loras)
+    lora_set.check({k: e.shape for k, e in ckpt.entries.items()}, f"the checkpoint {ckpt.root}")
+    return lora_set
+
+
 def _check_disk(out_dir: Path, needed: int) -> None:
     free = shutil.disk_usage(out_dir).free
     if free < needed * 1.05 + 64 * 2**20:
@@ -213,13 +228,18 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
                        moe: str = "gather", dtype: str = "fp32", opset: int | None = None,
                        min_size=None, max_size=None, opt_size=None, config=None,
                        max_images: int = MAX_IMAGES_PER_PROMPT, force: bool = False, streaming: bool = True,
-                       dry_run: bool = False, quiet: bool = True, verbose: bool = False) -> ExportResult:
+                       loras: Sequence = (), dry_run: bool = False, quiet: bool = True,
+                       verbose: bool = False) -> ExportResult:
     """Export a checkpoint's transformer for `variant` into OUT/transformer and OUT/manifest.json.
 
     streaming=True (default) traces without weights and streams them from the checkpoint (memory: the
     graph plus one 8 MiB piece); streaming=False exports a loaded model (the usual recipe; kept for
     contrast). An up-to-date export with the same settings is reused (unless force); an interrupted
     streaming export resumes. With dry_run, nothing is written and `result.plan` says what would be.
+
+    loras: LoRAs fused into the weights (`--lora FILE[:SCALE]`: paths, (path, scale) pairs or
+    hidream_export.lora.LoraRequest), each checked against the checkpoint before anything is written;
+    another set of LoRAs (by content and scale) is another export.
     """
     from hidream_export.model.checkpoint import check_keys, locate_checkpoint
 
@@ -235,10 +255,13 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
         ckpt = locate_checkpoint(checkpoint, config)
         check_keys(ckpt)  # both paths: missing/extra/wrong-shaped keys before any tracing or writing
     check_variant_matches_checkpoint(checkpoint, v)
+    lora_set = checkpoint_loras(ckpt, loras)
     cfg = ckpt.config
     spec = ExportSpec(cfg, v, resolve_size_range(v, cfg, min_size, max_size, opt_size),
                       batch_range(v, max_images), dtype, opset, moe)
     settings = {**spec.to_key(), "streaming": streaming}
+    if lora_set:  # only then, so exports without LoRAs keep their settings key
+        settings["loras"] = lora_set.identity()
     sources = ckpt.files + ([ckpt.config_file] if ckpt.config_file else [])
     check_out_dir(out_dir, [checkpoint if checkpoint.is_dir() else checkpoint.parent], create=not dry_run)
     if dry_run:
@@ -270,9 +293,9 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
             tmp = staged_dir(out_dir, "transformer")
         try:
             if streaming:
-                initializer_map = _export_streaming(ckpt, tmp, spec, key, quiet)
+                initializer_map = _export_streaming(ckpt, tmp, spec, key, quiet, lora_set)
             else:
-                initializer_map = _export_plain(checkpoint, config, tmp, spec, verbose)
+                initializer_map = _export_plain(checkpoint, ckpt, config, tmp, spec, verbose, lora_set)
             initializers = _finish_graph(tmp)
             seconds = time.perf_counter() - t0
             files = {f"transformer/{name}": FileRecord.of(tmp / name) for name in (ONNX_NAME, DATA_NAME)}
@@ -286,6 +309,7 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
             raise
         component = _component(spec, files, initializers, initializer_map, streaming, key, settings, checkpoint,
                                checkpoint_hash, seconds)
+        component.loras = lora_set.records()
         manifest.variant = v
         manifest.components["transformer"] = component
         manifest.write(out_dir)
@@ -356,16 +380,21 @@ def _component(spec: ExportSpec, files, initializers: int, initializer_map: dict
                "export_seconds": round(seconds, 2)})
 
 
-def _export_plain(checkpoint: Path, config, tmp: Path, spec: ExportSpec, verbose: bool) -> dict:
+def _export_plain(checkpoint: Path, ckpt, config, tmp: Path, spec: ExportSpec, verbose: bool, lora_set: LoraSet
+                  ) -> dict:
     """The usual recipe: load the model, export it with its weights, let the exporter fold constants."""
     import torch
 
-    from hidream_export.model.checkpoint import load_transformer
+    from hidream_export.model.checkpoint import iter_tensors, load_transformer
 
     translation = spec.translation_table()
     with model_errors():
         model = load_transformer(checkpoint, dtype=spec.torch_dtype, moe_lowering=spec.moe, config=config,
                                  rope_dtype="float32", rope_max_positions=spec.max_positions)
+    # LoRA targets are read again in float32 and fused before the one cast, as the streaming path does.
+    with torch.no_grad():
+        for name, base in iter_tensors(ckpt, torch.float32, keys=lora_set.keys):
+            model.get_parameter(name).copy_(torch.from_numpy(lora_set.fused(name, base.numpy())))
     with torch.no_grad():
         program = torch.onnx.export(
             model, sample_inputs(spec), dynamo=True, dynamic_shapes=dynamic_shapes(spec),
@@ -382,7 +411,7 @@ def _export_plain(checkpoint: Path, config, tmp: Path, spec: ExportSpec, verbose
     return {n: n for n in names if n in keys}
 
 
-def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool) -> dict:
+def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, lora_set: LoraSet) -> dict:
     """Trace block by block on fake tensors (blockwise.py), write the graph with external references,
     stream the weights; resume a previous run with the same key when its files check out."""
     import torch
@@ -412,12 +441,23 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool) 
         with open(entry.file, "rb") as fh:
             yield from read_tensor_chunks(fh, entry, tdtype)
 
+    def float32_values(entry):
+        with open(entry.file, "rb") as fh:
+            for piece in read_tensor_chunks(fh, entry, torch.float32):
+                yield np.frombuffer(piece, dtype=np.float32)
+
+    lora_keys = set(lora_set.keys)
+    out_dtype = EXPORT_NUMPY_DTYPES[spec.dtype]
+
     def fetch(name: str):
         if name.startswith("rope."):
             return getattr(rope, name.split(".", 1)[1]).to(torch.float32)
         # In pieces: the largest tensor (150 MiB in the real model) is never held whole, so peak memory
         # does not grow with the model's widths either.
         entry = ckpt.entries[name]
+        if name in lora_keys:  # base + LoRA delta in float32, one cast; still piece by piece
+            return streaming.TensorPieces(entry.shape, lora_set.fuse_pieces(name, entry.shape, float32_values(entry),
+                                                                            out_dtype))
         return streaming.TensorPieces(entry.shape, pieces(entry))
 
     streaming.stream_weights(data_path, slots, fetch, journal, start=start, quiet=quiet,

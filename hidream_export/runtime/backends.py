@@ -71,9 +71,18 @@ class Backend(abc.ABC):
         return name
 
     @abc.abstractmethod
-    def load(self, path: Path, entry: Component) -> Session:
+    def load(self, path: Path, entry: Component, *, initializers: Mapping[str, np.ndarray] | None = None) -> Session:
         """A session for one manifest component: `entry`, whose file is `path` (resolved and confined to
-        its folder by `Manifest.file_path`)."""
+        its folder by `Manifest.file_path`). `initializers` (ONNX initializer name -> value) replace those
+        weights of the graph in this session only (LoRAs applied at load time; the files are unchanged)."""
+
+    def update_initializers(self, session: Session, path: Path, entry: Component, initializers: Mapping[str, np.ndarray],
+                            restore: Mapping[str, np.ndarray]) -> Session:
+        """The session for `entry` running with `initializers` in place of the graph's own, after `session`
+        ran with another set; `restore` has the files' values of initializers that set replaced and this one
+        does not. Default: a new session (onnxruntime fixes weights when a session is made); TensorRT refits
+        the engine in place instead."""
+        return self.load(path, entry, initializers=initializers) if initializers else self.load(path, entry)
 
     def describe(self) -> str:
         """One line for reports: which backend, with which settings."""
@@ -116,9 +125,10 @@ class OrtSession:
     naming the input rather than onnxruntime's generic one. ``InferenceSession.run`` is thread-safe.
     """
 
-    def __init__(self, session: Any, path: str | Path):
+    def __init__(self, session: Any, path: str | Path, keep: Any = None):
         self._session = session
         self.path = Path(path)
+        self._keep = keep  # replacement initializers' buffers: onnxruntime may use them in place
         inputs, outputs = session.get_inputs(), session.get_outputs()
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in outputs]
@@ -272,18 +282,28 @@ class OrtBackend(Backend):
         """Where this backend's sessions keep I/O-bound tensors: the first provider's device."""
         return device_for(self._ort, self.providers)
 
-    def load(self, path: Path, entry: Component) -> OrtSession:
+    def load(self, path: Path, entry: Component, *, initializers: Mapping[str, np.ndarray] | None = None
+             ) -> OrtSession:
         if not isinstance(entry, OnnxComponent):
             raise ManifestError(f"the ort backend runs ONNX components, not kind {entry.kind!r} ({path})")
         check_providers(entry, self.providers, path)
+        options = self.session_options()
+        values = [self._ortvalue(v) for v in (initializers or {}).values()]
+        if values:  # external-data initializers only (every exported transformer weight is one)
+            options.add_external_initializers(list(initializers), values)
         # From the path (not bytes), so onnxruntime finds the external weights next to the model.
         try:
-            session = self._ort.InferenceSession(str(path), sess_options=self.session_options(),
-                                                 providers=self.providers)
+            session = self._ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidProtobuf/Fail/... on a damaged graph
             raise ManifestError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
                                 f"{' '.join(str(exc).split())[:300]})") from None
-        return OrtSession(session, path)
+        return OrtSession(session, path, keep=values or None)
+
+    def _ortvalue(self, array: np.ndarray) -> Any:
+        array = np.ascontiguousarray(array)
+        if array.dtype.name == "bfloat16":  # no numpy bfloat16 in onnxruntime's bridge: the raw 16-bit words
+            return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), _ONNX_BFLOAT16)
+        return self._ort.OrtValue.ortvalue_from_numpy(array)
 
 
 # --- registry -----------------------------------------------------------------------------------------
