@@ -19,6 +19,7 @@ import numpy as np
 
 from hidream_export.errors import CompareError
 from hidream_export.manifest import Manifest, TransformerComponent
+from hidream_export.runtime.ort_kernels import check_providers
 from hidream_export.variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, parse_size
 
 # Default pass criteria per export dtype. fp32: the exported graph differs from the reference only in
@@ -165,11 +166,13 @@ def compare_onnx(checkpoint: str | Path, model_path: str | Path, *, sizes=None, 
                            f"(multiples of {entry.batch_multiple})")
     for w, h in sizes:
         size_range.check(w, h, max_seq=entry.max_seq)
+    providers = providers or ["CPUExecutionProvider"]
+    check_providers(entry, providers, str(model_path))  # before the reference model is loaded
 
     with model_errors():
         reference = load_transformer(checkpoint, dtype=torch.float32, moe_lowering="reference", config=config,
                                      rope_dtype="float64")
-    session = ort.InferenceSession(str(model_path), providers=providers or ["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), providers=providers)
     feeds, outputs, cases = [], [], []
     for i, (w, h) in enumerate(sizes):
         feed = random_feed(entry, w, h, batch, seed + i)
