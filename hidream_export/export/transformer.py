@@ -452,7 +452,8 @@ def _fused_weights(spec: ExportSpec):
 
 def _interleaved_rows(a, b, dtype, chunk_bytes: int = 4 * 2**20):
     """The bytes of `swiglu_fused_rows(A, B)` for two (rows, cols) checkpoint tensors, a block of whole rows
-    of each at a time (so memory is two blocks and their interleaving, never a whole tensor)."""
+    of each at a time, into one reused buffer (so memory is two blocks and their interleaving, never a whole
+    tensor). Each piece is a view of that buffer: consume it before asking for the next one."""
     import torch
 
     from hidream_export.export.streaming import tensor_bytes
@@ -463,9 +464,11 @@ def _interleaved_rows(a, b, dtype, chunk_bytes: int = 4 * 2**20):
         raise ExportError(f"{a.key} {a.shape} and {b.key} {b.shape}: expected two matrices of one shape to interleave")
     cols = a.shape[1]
     row_bytes = cols * max(DTYPES[a.dtype].itemsize, DTYPES[b.dtype].itemsize, dtype.itemsize)
-    block = max(1, chunk_bytes // row_bytes) * row_bytes  # whole rows: both readers cut at the same row
-    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
-        for pa, pb in zip(read_tensor_chunks(fa, a, dtype, block), read_tensor_chunks(fb, b, dtype, block)):
+    rows = max(1, chunk_bytes // row_bytes)
+    fused = torch.empty(rows, 2, cols, dtype=dtype)
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:  # whole rows: both readers cut at the same row
+        for pa, pb in zip(read_tensor_chunks(fa, a, dtype, rows * row_bytes),
+                          read_tensor_chunks(fb, b, dtype, rows * row_bytes)):
             rows_a = torch.frombuffer(pa, dtype=dtype).view(-1, cols)
             rows_b = torch.frombuffer(pb, dtype=dtype).view(-1, cols)
-            yield tensor_bytes(swiglu_fused_rows(rows_a, rows_b))
+            yield tensor_bytes(swiglu_fused_rows(rows_a, rows_b, out=fused[:len(rows_a)]))

@@ -78,11 +78,11 @@ class MoEGate(nn.Module):
         return topk_idx, topk_weight
 
 
-def swiglu_fused_rows(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+def swiglu_fused_rows(w1: torch.Tensor, w3: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(..., I, D) gate and up weights -> (..., 2I, D) with their rows interleaved [g0, u0, g1, u1, ...]:
     ONNX Runtime's fused SwiGLU layout (`swiglu_fusion=1`). Works on whole stacks and on row blocks alike,
-    so the streaming export writes exactly what this returns."""
-    return torch.stack([w1, w3], dim=-2).flatten(-3, -2)
+    so the streaming export writes exactly what this returns (into `out`, (..., I, 2, D), if given)."""
+    return torch.stack([w1, w3], dim=-2, out=out).flatten(-3, -2)
 
 
 def routing_weight_matrix(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int) -> torch.Tensor:
