@@ -60,7 +60,8 @@ def _cmd_export(args) -> int:
         return 0
     r = c.size_range
     print(f"wrote {result.out_dir / c.path} (+ external data), {c.initializers} initializers, moe={c.moe_lowering}, "
-          f"target={c.target}, dtype={c.dtype}, opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
+          f"target={c.target}, dtype={c.dtype}, opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, "
+          f"batch "
           f"{c.batch_range[0]}..{c.batch_range[1]}, {c.extra.get('export_seconds')} s")
     return 0
 

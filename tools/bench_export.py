@@ -115,21 +115,37 @@ def median_times(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_ceiling(threads: int, n: int = 4096, repeats: int = 3) -> float:
-    """GFLOP/s of an n^3 fp32 matmul in PyTorch (best of `repeats`): the fastest any fp32 runner can go."""
+def matmul_ceiling_runners(threads: int, n: int = 4096):
+    """({name: callable}, FLOPs) of an n^3 fp32 matmul in PyTorch (the ceiling the issue names) and in ONNX
+    Runtime (MLAS, whose GEMM may be faster than PyTorch's BLAS on a given CPU). Timed in the same rounds
+    as the runners, so they meet the same machine load."""
+    import numpy as np
+    import onnxruntime as ort
     import torch
+    from onnx import TensorProto, helper
 
-    torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+                                .SerializeToString(), opts)
+    feed = {"a": a.numpy(), "b": np.ascontiguousarray(b.numpy())}
+    return {"matmul ceiling, PyTorch": lambda: a @ b,
+            "matmul ceiling, ONNX Runtime": lambda: sess.run(None, feed)}, 2 * n**3
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else the platform's machine name."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def forward_flops(model, args) -> int:
@@ -195,8 +211,6 @@ def main(argv=None) -> int:
             scaling(work, ["real"], ["streaming"])
         return 0
 
-    import platform
-
     import onnxruntime as ort
     import torch
 
@@ -210,7 +224,7 @@ def main(argv=None) -> int:
         write_transformer(ckpt / "transformer", "small", dtype=torch.float32)
     size = sum(f.stat().st_size for f in (ckpt / "transformer").glob("*.safetensors"))
 
-    print(f"## small preset ({size / 2**20:.0f} MiB fp32), {args.threads} threads, {platform.processor() or platform.machine()}, "
+    print(f"## small preset ({size / 2**20:.0f} MiB fp32), {args.threads} threads, {_cpu_name()}, "
           f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, onnxruntime {ort.__version__}\n")
     print("| graph | export wall time (s) | export peak RSS (GiB) | peak RSS / checkpoint |")
     print("|---|---|---|---|")
@@ -221,7 +235,8 @@ def main(argv=None) -> int:
         if "error" in r:
             print(r["error"], file=sys.stderr)
             return 1
-        print(f"| {graph} | {r['seconds']:.1f} | {r['peak_rss'] / 2**30:.2f} | {r['peak_rss'] / size:.2f} |", flush=True)
+        print(f"| {graph} | {r['seconds']:.1f} | {r['peak_rss'] / 2**30:.2f} | {r['peak_rss'] / size:.2f} |",
+              flush=True)
 
     # ---- one forward at 512x512 -----------------------------------------------------------------
     import diffusers
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
     targs = [torch.from_numpy(feed[n]) for n in ("hidden_states", "timesteps", "encoder_hidden_states_t5",
                                                   "encoder_hidden_states_llama3", "pooled_embeds")]
     flops = forward_flops(ours, targs)
-    ceiling = matmul_ceiling(args.threads)
+    ceilings, matmul_flops = matmul_ceiling_runners(args.threads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     runners = {"PyTorch eager, diffusers (moe_infer)": lambda: ref(*targs, return_dict=False),
@@ -247,15 +262,19 @@ def main(argv=None) -> int:
     for graph in args.graphs:
         sess = ort.InferenceSession(str(folders[graph] / "transformer" / "model.onnx"), opts)
         runners[f"ONNX Runtime CPU, {graph}"] = lambda sess=sess: sess.run(None, feed)
+    runners.update(ceilings)
     with torch.no_grad():
         times = median_times(runners, args.repeats)
+    ceiling, mlas = (matmul_flops / times.pop(name) / 1e9 for name in ceilings)
     t_diffusers = times["PyTorch eager, diffusers (moe_infer)"]
     print(f"\n## one transformer forward, 512x512, batch 1: {flops / 1e9:.1f} GFLOP; fp32 matmul ceiling "
-          f"{ceiling:.0f} GFLOP/s (4096^3 in PyTorch, {args.threads} threads)\n")
-    print("| runner | seconds | / diffusers eager | GFLOP/s | of the matmul ceiling |")
-    print("|---|---|---|---|---|")
+          f"{ceiling:.0f} GFLOP/s (4096^3 in PyTorch; ONNX Runtime's MatMul: {mlas:.0f} GFLOP/s), {args.threads} "
+          f"threads, medians of the same rounds\n")
+    print("| runner | seconds | / diffusers eager | GFLOP/s | of the matmul ceiling | of ONNX Runtime's matmul |")
+    print("|---|---|---|---|---|---|")
     for name, t in times.items():
-        print(f"| {name} | {t:.3f} | {t / t_diffusers:.2f} | {flops / t / 1e9:.0f} | {flops / t / 1e9 / ceiling:.0%} |")
+        rate = flops / t / 1e9
+        print(f"| {name} | {t:.3f} | {t / t_diffusers:.2f} | {rate:.0f} | {rate / ceiling:.0%} | {rate / mlas:.0%} |")
     if args.profile:
         print("\n## ONNX Runtime profile, share of kernel time by op type\n")
         for graph in args.graphs:

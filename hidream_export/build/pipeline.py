@@ -387,8 +387,9 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
         raise ExportError(f"--link {link!r} is not one of {LINK_MODES}")
     target, transformer_opset = resolve_target(target, moe, None if opset is None else check_opset(opset))
     if trt and target != TENSORRT:
-        raise ExportError(f"--trt builds TensorRT engines, but the transformer would be an {target} graph (--moe {moe}, "
-                          f"--target {target}); use --target {TENSORRT} with --moe gather, dense or plugin")
+        raise ExportError(f"--trt builds TensorRT engines, but the transformer would be an {target} graph "
+                          f"(--moe {moe}, --target {target}); use --target {TENSORRT} with --moe gather, dense or "
+                          f"plugin")
     opset = check_opset(opset)
 
     trt_missing = None

@@ -40,8 +40,9 @@ def resolve_target(target: str | None, moe: str, opset: int | None) -> tuple[str
                           f"--target {ONNXRUNTIME} (its default) or another --moe for TensorRT")
     if target == ONNXRUNTIME:
         if opset is not None and opset < ONNXRUNTIME_OPSET:
-            raise ExportError(f"--target {ONNXRUNTIME} writes opset-{ONNXRUNTIME_OPSET} Attention and RMSNormalization; "
-                              f"--opset {opset} is too old (leave it out, or give >= {ONNXRUNTIME_OPSET})")
+            raise ExportError(f"--target {ONNXRUNTIME} writes opset-{ONNXRUNTIME_OPSET} Attention and "
+                              f"RMSNormalization; --opset {opset} is too old (leave it out, or give >= "
+                              f"{ONNXRUNTIME_OPSET})")
         opset = opset if opset is not None else ONNXRUNTIME_OPSET
     return target, opset
 

@@ -6,7 +6,9 @@ Output: OUT/transformer/model.onnx with its weights always in external data (mod
 - One file serves every batch, square and non-square size in the range (the model has no shape-
   dependent control flow, see hidream_export/model/transformer.py); text length is fixed at 128.
 - The MoE lowering is one of hidream_export.model.lowerings. Routing stays in standard ops (MatMul ->
-  Softmax -> TopK) and is computed from the inputs: nothing of the sample input's routing is baked in.
+  Softmax -> TopK), or inside ONNX Runtime's MoE node for `ort`, and is computed from the inputs: nothing
+  of the sample input's routing is baked in. The target (export/targets.py) says which runtime the rest
+  of the graph is shaped for.
 - Streaming (default): traced on fake tensors block by block (blockwise.py), weights streamed from the
   checkpoint (streaming.py); resumable. Plain (`streaming=False`): the usual load-then-export recipe.
 - Clean-up: the onnxscript optimizer, ONNX shape inference (into a new file, renamed) and the
@@ -217,8 +219,8 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
     """Export a checkpoint's transformer for `variant` into OUT/transformer and OUT/manifest.json.
 
     target: "tensorrt" or "onnxruntime" (hidream_export.export.targets; default: onnxruntime for --moe ort,
-    else tensorrt). streaming=True (default) traces without weights and streams them from the checkpoint (memory: the
-    graph plus one 8 MiB piece); streaming=False exports a loaded model (the usual recipe; kept for
+    else tensorrt). streaming=True (default) traces without weights and streams them from the checkpoint
+    (memory: the graph plus one 8 MiB piece); streaming=False exports a loaded model (the usual recipe; kept for
     contrast). An up-to-date export with the same settings is reused (unless force); an interrupted
     streaming export resumes. With dry_run, nothing is written and `result.plan` says what would be.
     """
@@ -348,7 +350,8 @@ def _component(spec: ExportSpec, files, initializers: int, initializer_map: dict
         dtype=spec.dtype,
         inputs=[TensorSpec(t.name, t.dtype, t.shape) for t in sig.inputs],
         outputs=[TensorSpec(t.name, t.dtype, t.shape) for t in sig.outputs],
-        axes=dict(sig.axes), moe_lowering=spec.moe, target=spec.target, opset=spec.opset, batch_multiple=sig.batch_multiple,
+        axes=dict(sig.axes), moe_lowering=spec.moe, target=spec.target, opset=spec.opset,
+        batch_multiple=sig.batch_multiple,
         size_range=sig.size_range, max_seq=sig.max_seq, config=spec.config.to_dict(), initializers=initializers,
         initializer_map=initializer_map, streaming=streaming, settings_key=key, plugin=plugin,
         extra={"settings": settings,
