@@ -356,18 +356,28 @@ def _quiet_libraries(verbose: bool):
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     own = logging.getLogger("hidream_export")
+    saved = own.level, own.propagate
     own.setLevel(logging.INFO)
     own.propagate = False
+    handler = None
     if not own.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         own.addHandler(handler)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from hidream_export.runtime.text import PromptTruncatedWarning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from hidream_export.runtime.text import PromptTruncatedWarning
 
-        warnings.simplefilter("always", PromptTruncatedWarning)  # the user's prompt was cut: always say so
-        yield
+            warnings.simplefilter("always", PromptTruncatedWarning)  # the user's prompt was cut: always say so
+            yield
+    finally:
+        # The handler holds this call's sys.stderr: a later call in the same process (an embedding program,
+        # a test under output capture) must not write to a stream that is gone by then.
+        if handler is not None:
+            own.removeHandler(handler)
+        own.setLevel(saved[0])
+        own.propagate = saved[1]
 
 
 def main(argv: list[str] | None = None) -> int:
