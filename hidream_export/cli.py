@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from hidream_export.errors import HiDreamExportError, MissingDependency, one_line
+from hidream_export.export.targets import TARGETS
 from hidream_export.model.lowerings import EXPORT_LOWERINGS, describe_export_lowerings
 from hidream_export.signature import EXPORT_DTYPES
 from hidream_export.variants import VARIANTS, get_variant
@@ -54,7 +55,7 @@ def _cmd_export(args) -> int:
     from hidream_export.export.transformer import export_transformer
 
     result = export_transformer(
-        args.checkpoint, args.variant, args.out, moe=args.moe, dtype=args.dtype, opset=args.opset,
+        args.checkpoint, args.variant, args.out, moe=args.moe, target=args.target, dtype=args.dtype, opset=args.opset,
         min_size=args.min_size, max_size=args.max_size, opt_size=args.opt_size, config=args.config,
         force=args.force, streaming=not args.no_streaming, loras=args.lora, dry_run=args.dry_run, quiet=args.quiet)
     if result.plan is not None:
@@ -68,8 +69,8 @@ def _cmd_export(args) -> int:
     computed = sum(1 for v in c.initializer_map.values() if v.startswith("computed:"))
     print(f"wrote {result.out_dir / c.path} (+ external data): {len(c.initializer_map)} weights "
           f"({len(c.initializer_map) - computed} from the checkpoint, {computed} computed) and "
-          f"{c.initializers - len(c.initializer_map)} small constants, moe={c.moe_lowering}, dtype={c.dtype}, "
-          f"opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
+          f"{c.initializers - len(c.initializer_map)} small constants, moe={c.moe_lowering}, target={c.target}, "
+          f"dtype={c.dtype}, opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
           f"{c.batch_range[0]}..{c.batch_range[1]}, {c.extra.get('export_seconds')} s")
     return 0
 
@@ -114,6 +115,7 @@ def _cmd_build(args) -> int:
     manifest = build_pipeline(
         args.checkpoint, args.variant, out, llama=args.llama, moe=args.moe, dtype=args.dtype,
         encoder_dtype=args.encoder_dtype, force=args.force, trt=args.trt, opset=args.opset, link=args.link,
+        target=args.target,
         trt_options=_trt_options(args) if args.trt else None, loras=args.lora, quiet=args.quiet)
     print(f"built {out}: " + ", ".join(sorted(manifest.components)))
     return 0
@@ -181,17 +183,31 @@ def _cmd_doctor(args) -> int:
     return 0  # a missing library is information, not an error
 
 
+LINT_NOT_TENSORRT = 3  # `lint` exit code for an ONNX Runtime graph (0: parses, 1: findings, 2: bad input)
+
+
 def _cmd_lint(args) -> int:
+    from hidream_export.errors import NotATensorRTGraph
     from hidream_export.lint import DEFAULT_PLUGINS, PluginSpec, lint_onnx
 
     plugins = [] if args.no_plugins else list(DEFAULT_PLUGINS)
     plugins += [PluginSpec.parse(p) for p in args.plugin]
-    report = lint_onnx(args.model, plugins=plugins)
+    try:
+        report = lint_onnx(args.model, plugins=plugins)
+    except NotATensorRTGraph as exc:
+        print(f"hidream-export lint: {one_line(exc)}", file=sys.stderr)
+        return LINT_NOT_TENSORRT
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(show_info=not args.no_info))
     return 0 if report.ok else 1
 
 
 # ---- the parser ----------------------------------------------------------------------------------------------
+
+def _add_target_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, choices=tuple(TARGETS),
+                   help="runtime the transformer graph is for (default: onnxruntime with --moe ort, else tensorrt). "
+                        + "; ".join(f"{name}: {summary}" for name, summary in TARGETS.items()))
+
 
 def _add_trt_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TensorRT engines (--trt)")
@@ -279,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default engines/VARIANT)")
     p.add_argument("--moe", default="gather", choices=EXPORT_LOWERINGS,
                    help="MoE lowering (default gather). " + describe_export_lowerings())
+    _add_target_argument(p)
     p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES)
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20; 23 for --target onnxruntime)")
     p.add_argument("--min-size", help="smallest WxH in pixels (default from the variant)")
     p.add_argument("--max-size", help="largest WxH in pixels")
     p.add_argument("--opt-size", help="WxH the TensorRT profile optimises for")
@@ -318,9 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="engine folder (default engines/VARIANT)")
     p.add_argument("--llama", help="Llama-3.1-8B-Instruct folder (default CHECKPOINT/llama)")
     p.add_argument("--moe", default="gather", choices=EXPORT_LOWERINGS, help="MoE lowering of the transformer")
+    _add_target_argument(p)
     p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES, help="transformer dtype")
     p.add_argument("--encoder-dtype", default="fp32", choices=EXPORT_DTYPES)
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset of every graph (default 20)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset of every graph (default 20; the transformer 23 for --target onnxruntime)")
     p.add_argument("--link", default="auto", choices=["auto", "reflink", "hardlink", "copy"],
                    help="how variant folders get shared encoder/VAE files (auto: reflink, else copy)")
     p.add_argument("--trt", action="store_true", help="also build TensorRT engines (needs TensorRT)")
@@ -349,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="demo.png")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("lint", parents=[common], help="check an ONNX model against TensorRT's published ONNX operator support")
+    p = sub.add_parser("lint", parents=[common],
+                       help="check an ONNX model against TensorRT's published ONNX operator support (exit 0: "
+                            "parses, 1: findings, 2: unreadable, 3: an ONNX Runtime graph)")
     p.add_argument("model", help="ONNX file to check (external weight files are not read)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("--no-info", action="store_true", help="hide info lines in the text report")

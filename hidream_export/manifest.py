@@ -245,6 +245,9 @@ class OnnxComponent(Component):
 @dataclass
 class TransformerComponent(OnnxComponent):
     moe_lowering: str = ""
+    # The runtime the graph is shaped for (hidream_export/export/targets.py): "tensorrt" (standard ops the
+    # TensorRT parser reads; also every folder written before the field existed) or "onnxruntime".
+    target: str = "tensorrt"
     opset: int | None = None
     batch_multiple: int = 1
     size_range: SizeRange | None = _codec(SizeRange.from_dict, SizeRange.to_dict)

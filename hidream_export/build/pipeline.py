@@ -47,6 +47,7 @@ from hidream_export.export import tokenizers as tokenizers_mod
 from hidream_export.export import vae as vae_mod
 from hidream_export.export.common import (DATA_NAME, DEFAULT_OPSET, EXPORTERS, ONNX_NAME, check_opset, model_errors,
                                           model_source_files, own_version)
+from hidream_export.export.targets import TENSORRT, resolve_target
 from hidream_export.export.transformer import check_out_dir, checkpoint_loras, export_transformer
 from hidream_export.files import (atomic_write_json, file_record, folder_lock, read_json_object, remove_tree, sha256_file,
                                   sha256_files, staged_dir, swap_dir)
@@ -368,9 +369,9 @@ def _umask() -> int:
 # ---- the build -----------------------------------------------------------------------------------------------
 
 def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: str | Path | None = None, *,
-                   llama: str | Path | None = None, moe: str = "gather", dtype: str = "fp32",
+                   llama: str | Path | None = None, moe: str = "gather", target: str | None = None, dtype: str = "fp32",
                    encoder_dtype: str = "fp32", shared_root: str | Path | None = None, force: bool = False,
-                   trt: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "auto", link: str = "auto",
+                   trt: bool = False, opset: int | None = None, exporter: str = "auto", link: str = "auto",
                    trt_options=None, loras: Sequence = (), quiet: bool = True) -> Manifest:
     """Export everything `variant` needs from a HiDream-I1 model folder into one engine folder; return its
     manifest (also written to OUT/manifest.json).
@@ -378,13 +379,13 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     checkpoint     model folder in the diffusers layout (transformer, text_encoder*, tokenizer*, vae, scheduler)
     out_dir        default engines/<variant>
     llama          Meta-Llama-3.1-8B-Instruct folder; default CHECKPOINT/llama (the CLI's --llama)
-    moe, dtype     the transformer's MoE lowering and dtype (export_transformer)
+    moe, target, dtype  the transformer's MoE lowering, target runtime and dtype (export_transformer)
     encoder_dtype  text encoders' dtype (fp32 default; the VAE is always fp32)
     shared_root    the shared store; default <out_dir.parent>/.shared
     force          re-export everything, and allow replacing a folder built for another variant/checkpoint
     trt            also build TensorRT engines (trt_options: a build.trt.TrtBuildOptions); without TensorRT
                    one notice line, and the ONNX folder
-    opset          ONNX opset of every graph
+    opset          ONNX opset of every graph (default 20; the transformer's default follows its target)
     exporter       the encoders'/VAE's exporter ("auto": dynamo, TorchScript fallback recorded in the manifest)
     link           how variant folders get the shared files: auto (reflink, else copy), reflink, hardlink or copy
     loras          LoRAs fused into the transformer's weights (export_transformer's `loras`)
@@ -399,6 +400,11 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     store = Path(shared_root) if shared_root else out_dir.parent / SHARED_DIR
     if link not in LINK_MODES:
         raise ExportError(f"--link {link!r} is not one of {LINK_MODES}")
+    target, transformer_opset = resolve_target(target, moe, None if opset is None else check_opset(opset))
+    if trt and target != TENSORRT:
+        raise ExportError(f"--trt builds TensorRT engines, but the transformer would be an {target} graph "
+                          f"(--moe {moe}, --target {target}); use --target {TENSORRT} with --moe gather, dense or "
+                          f"plugin")
     opset = check_opset(opset)
 
     trt_missing = None
@@ -426,8 +432,8 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
 
     with folder_lock(out_dir):
         # export_transformer reuses an up-to-date export (same checkpoint and settings, files intact) by itself.
-        result = export_transformer(checkpoint, v, out_dir, moe=moe, dtype=dtype, opset=opset, force=force,
-                                    loras=loras, quiet=quiet)
+        result = export_transformer(checkpoint, v, out_dir, moe=moe, target=target, dtype=dtype,
+                                    opset=transformer_opset, force=force, loras=loras, quiet=quiet)
         if result.reused:
             log.info("transformer: %s is up to date; not exporting it again", out_dir / "transformer")
 

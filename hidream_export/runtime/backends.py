@@ -26,8 +26,9 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from hidream_export.errors import BackendUnavailable, ManifestError, RequestError
-from hidream_export.manifest import Component, Manifest, OnnxComponent, TransformerComponent
+from hidream_export.manifest import Component, Manifest, OnnxComponent
 from hidream_export.runtime.device import Device, DeviceArray, device_for
+from hidream_export.runtime.ort_kernels import check_providers
 
 __all__ = [
     "Backend",
@@ -213,23 +214,6 @@ def _copy_bfloat16(value: Any) -> np.ndarray:
     return words.view(_bfloat16_dtype()).reshape(shape)
 
 
-# Transformer exports ONNX Runtime's CPU provider cannot run, and why: refused before a session is made,
-# instead of an INVALID_GRAPH error from deep inside onnxruntime.
-CPU_PROVIDER_LIMITS = {
-    "bf16": "ONNX Runtime's CPU provider has no bfloat16 kernel for TopK (the MoE routing)",
-}
-
-
-def check_providers(entry: Component, providers, path) -> None:
-    """Refuse, in one line, a transformer export the requested execution providers cannot run."""
-    names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
-    why = CPU_PROVIDER_LIMITS.get(getattr(entry, "dtype", None)) if isinstance(entry, TransformerComponent) else None
-    if why and all(n == "CPUExecutionProvider" for n in names):
-        raise BackendUnavailable(f"{path}: a {entry.dtype} transformer does not run on {names}: {why}; use "
-                                 f"--providers CUDAExecutionProvider on a GPU with onnxruntime-gpu, or export "
-                                 f"--dtype fp16 or fp32")
-
-
 class OrtBackend(Backend):
     """onnxruntime with a list of execution providers.
 
@@ -286,7 +270,7 @@ class OrtBackend(Backend):
              ) -> OrtSession:
         if not isinstance(entry, OnnxComponent):
             raise ManifestError(f"the ort backend runs ONNX components, not kind {entry.kind!r} ({path})")
-        check_providers(entry, self.providers, path)
+        check_providers(entry, self.providers, str(path))  # before a session: one line, not INVALID_GRAPH
         options = self.session_options()
         values = [self._ortvalue(v) for v in (initializers or {}).values()]
         if values:  # external-data initializers only (every exported transformer weight is one)
