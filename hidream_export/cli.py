@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from hidream_export.errors import HiDreamExportError, MissingDependency, one_line
+from hidream_export.export.targets import TARGETS
 from hidream_export.model.lowerings import EXPORT_LOWERINGS, describe_export_lowerings
 from hidream_export.signature import EXPORT_DTYPES
 from hidream_export.variants import VARIANTS, get_variant
@@ -36,9 +37,17 @@ QUIET_LOGGERS = ("torch", "torch.onnx", "torch.onnx._internal.exporter._registra
 # ---- subcommands -----------------------------------------------------------------------------------------
 
 def _cmd_info(args) -> int:
-    from hidream_export.info import checkpoint_info, engine_folder_info, format_engine_folder_info, format_info
+    from hidream_export.info import (checkpoint_info, engine_folder_info, format_engine_folder_info, format_info,
+                                     format_lora_info, lora_info)
+    from hidream_export.lora import looks_like_lora
     from hidream_export.manifest import MANIFEST_NAME
 
+    if looks_like_lora(args.checkpoint) or Path(args.checkpoint).suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        info = lora_info(args.checkpoint, checkpoint=args.against, config=args.config)
+        print(json.dumps(info, indent=2) if args.json else format_lora_info(info))
+        return 0 if info.get("fits", True) else 1
+    if args.against:
+        raise HiDreamExportError(f"--checkpoint goes with a LoRA file; {args.checkpoint} is not one")
     if (Path(args.checkpoint) / MANIFEST_NAME).is_file():  # an engine folder: what its manifest records
         info = engine_folder_info(args.checkpoint)
         print(json.dumps(info, indent=2) if args.json else format_engine_folder_info(info))
@@ -52,9 +61,9 @@ def _cmd_export(args) -> int:
     from hidream_export.export.transformer import export_transformer
 
     result = export_transformer(
-        args.checkpoint, args.variant, args.out, moe=args.moe, dtype=args.dtype, opset=args.opset,
+        args.checkpoint, args.variant, args.out, moe=args.moe, target=args.target, dtype=args.dtype, opset=args.opset,
         min_size=args.min_size, max_size=args.max_size, opt_size=args.opt_size, config=args.config,
-        force=args.force, streaming=not args.no_streaming, dry_run=args.dry_run, quiet=args.quiet,
+        force=args.force, streaming=not args.no_streaming, loras=args.lora, dry_run=args.dry_run, quiet=args.quiet,
         **_quant_options(args))
     if result.plan is not None:
         print(result.plan.format())
@@ -67,8 +76,8 @@ def _cmd_export(args) -> int:
     computed = sum(1 for v in c.initializer_map.values() if v.startswith("computed:"))
     print(f"wrote {result.out_dir / c.path} (+ external data): {len(c.initializer_map)} weights "
           f"({len(c.initializer_map) - computed} from the checkpoint, {computed} computed) and "
-          f"{c.initializers - len(c.initializer_map)} small constants, moe={c.moe_lowering}, dtype={c.dtype}, "
-          f"opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
+          f"{c.initializers - len(c.initializer_map)} small constants, moe={c.moe_lowering}, target={c.target}, "
+          f"dtype={c.dtype}, opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
           f"{c.batch_range[0]}..{c.batch_range[1]}, {c.extra.get('export_seconds')} s")
     if c.quant:
         print(f"quantized: {c.quant.describe()}")
@@ -140,8 +149,8 @@ def _cmd_build(args) -> int:
     manifest = build_pipeline(
         args.checkpoint, args.variant, out, llama=args.llama, moe=args.moe, dtype=args.dtype,
         encoder_dtype=args.encoder_dtype, force=args.force, trt=args.trt, opset=args.opset, link=args.link,
-        trt_options=_trt_options(args) if args.trt else None, quiet=args.quiet, quant_encoders=args.quant_encoders,
-        **_quant_options(args))
+        target=args.target, trt_options=_trt_options(args) if args.trt else None, loras=args.lora, quiet=args.quiet,
+        quant_encoders=args.quant_encoders, **_quant_options(args))
     print(f"built {out}: " + ", ".join(sorted(manifest.components)))
     return 0
 
@@ -155,7 +164,7 @@ def _generate_options(args):
         seed=args.seed, steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height,
         any_size=args.any_size, scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=providers,
         threads=args.threads, verify=not args.no_verify, progress=False if args.quiet else None,
-        report_json=Path(args.json) if args.json else None, allow_cfg=args.allow_cfg)
+        report_json=Path(args.json) if args.json else None, allow_cfg=args.allow_cfg, loras=args.lora)
 
 
 def _print_generated(done, quiet: bool) -> None:
@@ -208,17 +217,31 @@ def _cmd_doctor(args) -> int:
     return 0  # a missing library is information, not an error
 
 
+LINT_NOT_TENSORRT = 3  # `lint` exit code for an ONNX Runtime graph (0: parses, 1: findings, 2: bad input)
+
+
 def _cmd_lint(args) -> int:
+    from hidream_export.errors import NotATensorRTGraph
     from hidream_export.lint import DEFAULT_PLUGINS, PluginSpec, lint_onnx
 
     plugins = [] if args.no_plugins else list(DEFAULT_PLUGINS)
     plugins += [PluginSpec.parse(p) for p in args.plugin]
-    report = lint_onnx(args.model, plugins=plugins)
+    try:
+        report = lint_onnx(args.model, plugins=plugins)
+    except NotATensorRTGraph as exc:
+        print(f"hidream-export lint: {one_line(exc)}", file=sys.stderr)
+        return LINT_NOT_TENSORRT
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format(show_info=not args.no_info))
     return 0 if report.ok else 1
 
 
 # ---- the parser ----------------------------------------------------------------------------------------------
+
+def _add_target_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, choices=tuple(TARGETS),
+                   help="runtime the transformer graph is for (default: onnxruntime with --moe ort, else tensorrt). "
+                        + "; ".join(f"{name}: {summary}" for name, summary in TARGETS.items()))
+
 
 def _add_trt_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TensorRT engines (--trt)")
@@ -266,6 +289,22 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="REPORT.json", default=None, help="write settings and timings as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timing table; only the seed line")
     p.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg, .webp, ...)")
+    _add_lora_argument(p, "applied to the transformer at load time (the folder's files are not changed)")
+
+
+def _lora_request(text: str):
+    from hidream_export.lora import LoraRequest
+
+    try:
+        return LoraRequest.parse(text)
+    except HiDreamExportError as exc:
+        raise argparse.ArgumentTypeError(one_line(exc)) from None
+
+
+def _add_lora_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--lora", action="append", default=[], type=_lora_request, metavar="FILE[:SCALE]",
+                   help=f"a LoRA .safetensors file (diffusers/peft or diffusion_model.* layout) and its scale (default "
+                        f"1.0), {what}; repeat to stack LoRAs")
 
 
 def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
@@ -290,10 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     variants = sorted(VARIANTS)
 
-    p = sub.add_parser("info", parents=[common], help="config, parameter counts and dtypes of a transformer checkpoint "
-                                                     "(or an engine folder's components, dtypes and quantization)")
-    p.add_argument("checkpoint", help="model folder, transformer/ folder, single .safetensors file, or engine folder")
-    p.add_argument("--config", help="preset name or config.json (needed for single-file checkpoints)")
+    p = sub.add_parser("info", parents=[common],
+                       help="config, parameter counts and dtypes of a transformer checkpoint, what a LoRA adapts, or "
+                            "an engine folder's components, dtypes and quantization")
+    p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file; a LoRA file; or "
+                                      "an engine folder")
+    p.add_argument("--config", help="preset name or config.json (single-file checkpoints; for a LoRA: check it fits)")
+    p.add_argument("--checkpoint", dest="against", metavar="MODEL",
+                   help="for a LoRA: check that it fits this checkpoint (model folder, transformer/ or single file)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_info)
 
@@ -303,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default engines/VARIANT)")
     p.add_argument("--moe", default="gather", choices=EXPORT_LOWERINGS,
                    help="MoE lowering (default gather). " + describe_export_lowerings())
+    _add_target_argument(p)
     p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES)
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20; 23 for --target onnxruntime)")
     p.add_argument("--min-size", help="smallest WxH in pixels (default from the variant)")
     p.add_argument("--max-size", help="largest WxH in pixels")
     p.add_argument("--opt-size", help="WxH the TensorRT profile optimises for")
@@ -317,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export a loaded model (holds all weights in memory) instead of streaming them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_quant_arguments(p)
+    _add_lora_argument(p, "fused into the exported weights")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("calibrate", parents=[common],
@@ -362,9 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="engine folder (default engines/VARIANT)")
     p.add_argument("--llama", help="Llama-3.1-8B-Instruct folder (default CHECKPOINT/llama)")
     p.add_argument("--moe", default="gather", choices=EXPORT_LOWERINGS, help="MoE lowering of the transformer")
+    _add_target_argument(p)
     p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES, help="transformer dtype")
     p.add_argument("--encoder-dtype", default="fp32", choices=EXPORT_DTYPES)
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset of every graph (default 20)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset of every graph (default 20; the transformer 23 for --target onnxruntime)")
     p.add_argument("--link", default="auto", choices=["auto", "reflink", "hardlink", "copy"],
                    help="how variant folders get shared encoder/VAE files (auto: reflink, else copy)")
     p.add_argument("--trt", action="store_true", help="also build TensorRT engines (needs TensorRT)")
@@ -375,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_arguments(p)
     p.add_argument("--quant-encoders", choices=("int8", "int4"), default=None,
                    help="weight-only quantization of the T5 and Llama text encoders (their linear layers)")
+    _add_lora_argument(p, "fused into the transformer's exported weights")
     _add_trt_arguments(p)
     p.set_defaults(func=_cmd_build)
 
@@ -395,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="demo.png")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("lint", parents=[common], help="check an ONNX model against TensorRT's published ONNX operator support")
+    p = sub.add_parser("lint", parents=[common],
+                       help="check an ONNX model against TensorRT's published ONNX operator support (exit 0: "
+                            "parses, 1: findings, 2: unreadable, 3: an ONNX Runtime graph)")
     p.add_argument("model", help="ONNX file to check (external weight files are not read)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("--no-info", action="store_true", help="hide info lines in the text report")

@@ -40,6 +40,10 @@ class LintInputError(HiDreamExportError, ValueError):
     """A file the lint cannot read as an ONNX model."""
 
 
+class NotATensorRTGraph(LintInputError):
+    """An ONNX graph made for another runtime (ONNX Runtime's contrib ops): there is nothing to lint."""
+
+
 class CompareError(HiDreamExportError, ValueError):
     """A parity check that cannot run (wrong model, size or provider)."""
 

@@ -9,7 +9,8 @@ a hand-made dict. engines/README.md documents the JSON.
       variant                   the sampling recipe, checked against hidream_export.variants on load
       components: name -> one of
         OnnxComponent           kind "onnx": a graph, its I/O and axis ranges (text encoders, VAE)
-        TransformerComponent    kind "onnx", name "transformer": + MoE lowering, size range, config, ...
+        TransformerComponent    kind "onnx", name "transformer": + MoE lowering, size range, config, fused
+                                LoRAs (LoraRecord), ...
         TokenizerComponent      kind "tokenizer"
         SchedulerComponent      kind "scheduler"
         TrtEngineComponent      kind "trt_engine": a TensorRT engine built from an ONNX component
@@ -117,6 +118,22 @@ class SharedRef:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LoraRecord:
+    """A LoRA in the transformer's weights: its file's name, SHA-256, and the scale it was applied with."""
+
+    file: str
+    sha256: str
+    scale: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoraRecord":
+        return cls(str(d["file"]), str(d["sha256"]), float(d["scale"]))
 
 
 # ---- components ------------------------------------------------------------------------------------
@@ -231,6 +248,9 @@ class OnnxComponent(Component):
 @dataclass
 class TransformerComponent(OnnxComponent):
     moe_lowering: str = ""
+    # The runtime the graph is shaped for (hidream_export/export/targets.py): "tensorrt" (standard ops the
+    # TensorRT parser reads; also every folder written before the field existed) or "onnxruntime".
+    target: str = "tensorrt"
     opset: int | None = None
     batch_multiple: int = 1
     size_range: SizeRange | None = _codec(SizeRange.from_dict, SizeRange.to_dict)
@@ -243,6 +263,9 @@ class TransformerComponent(OnnxComponent):
     # The TensorRT plugin its MoE nodes need (`plugin` lowering); who needs it is said at load time.
     plugin: PluginRequirement | None = _codec(
         PluginRequirement.from_dict, lambda v: {k: x for k, x in v.to_dict().items() if k != "needed_by"})
+    # LoRAs fused into the exported weights at build time, in the order they were added.
+    loras: list[LoraRecord] = _codec(lambda v: [LoraRecord.from_dict(x) for x in v], lambda v: [x.to_dict() for x in v],
+                                     factory=list)
 
     @property
     def batch_range(self) -> tuple[int, int]:

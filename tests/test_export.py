@@ -29,7 +29,7 @@ from hidream_export.testing.checkpoints import write_transformer
 INPUTS = ("hidden_states", "timesteps", "encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_embeds")
 
 
-@pytest.fixture(params=["dense", "gather", "plugin"])
+@pytest.fixture(params=["dense", "gather", "plugin", "ort"])
 def exported(request, tiny_export):
     out, result = tiny_export(request.param)
     return request.param, out, result.component
@@ -64,7 +64,10 @@ def test_graph_contract(exported):
     assert t5[1:] == [128, 32]  # text length fixed at 128
     assert proto.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64  # Full: UniPC int timesteps
     ops = {n.op_type for n in proto.graph.node}
-    assert "TopK" in ops and "Softmax" in ops  # routing stays in standard ops
+    if moe == "ort":  # the contrib MoE node routes itself (softmax + top-k over the router logits)
+        assert "TopK" not in ops and [n.domain for n in proto.graph.node if n.op_type == "MoE"] == ["com.microsoft"] * 4
+    else:
+        assert "TopK" in ops and "Softmax" in ops  # routing stays in standard ops
     if moe == "plugin":
         moe_nodes = [n for n in proto.graph.node if n.op_type == "HiDreamMoE"]
         assert len(moe_nodes) == 4 and all(n.domain == "hidream" for n in moe_nodes)
@@ -79,7 +82,8 @@ def test_manifest_records_the_export(exported, tiny_transformer_dir):
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["variant"]["name"] == "full" and manifest["variant"]["cfg_batch_factor"] == 2
     t = manifest["components"]["transformer"]
-    assert t["moe_lowering"] == moe and t["dtype"] == "fp32" and t["opset"] == 20
+    target, opset = ("onnxruntime", 23) if moe == "ort" else ("tensorrt", 20)
+    assert t["moe_lowering"] == moe and t["target"] == target and t["dtype"] == "fp32" and t["opset"] == opset
     assert t["axes"]["batch"] == [2, 8] and t["batch_multiple"] == 2
     assert t["size_range"] == {"min": [128, 128], "max": [336, 336], "opt": [256, 256]}
     assert {"torch", "onnx"} <= set(t["versions"])
@@ -90,8 +94,15 @@ def test_manifest_records_the_export(exported, tiny_transformer_dir):
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
 
 
-def test_lint(exported):
+def test_lint(exported, capsys):
     moe, out, entry = exported
+    if moe == "ort":  # not a TensorRT graph: one line, exit code 3, no op-by-op report
+        capsys.readouterr()
+        assert cli_main(["lint", str(out / "transformer" / "model.onnx")]) == 3
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is an ONNX Runtime graph, not a TensorRT graph" in err, err
+        assert "4 com.microsoft node(s) (MoE" in err
+        return
     report = lint_onnx(out / "transformer" / "model.onnx")
     if moe in ("dense", "plugin"):
         assert report.ok and not report.warnings, report.format()
@@ -111,7 +122,9 @@ def test_polygraphy_cli_rechecks_the_export(exported, tiny_transformer_dir, tmp_
     assert report.passed
     cmd = report.polygraphy_command().split()
     assert cmd[:3] == ["polygraphy", "run", str(model)]
-    polygraphy = [sys.executable, "-m", "polygraphy"] if shutil.which("polygraphy") is None else ["polygraphy"]
+    # The console script next to this interpreter (the venv need not be on PATH), else the one on PATH.
+    beside = Path(sys.executable).with_name("polygraphy")
+    polygraphy = [str(beside)] if beside.is_file() else [shutil.which("polygraphy") or "polygraphy"]
     run = subprocess.run(polygraphy + cmd[1:], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "PASSED" in run.stdout + run.stderr
@@ -161,10 +174,11 @@ def _degenerate_routing_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_routing_of_the_sample_input_is_not_baked(tiny_transformer_dir, tmp_path):
+@pytest.mark.parametrize("moe", ["gather", "ort"])
+def test_routing_of_the_sample_input_is_not_baked(tiny_transformer_dir, tmp_path, moe):
     ckpt = _degenerate_routing_checkpoint(tiny_transformer_dir, tmp_path / "ckpt")
     out = tmp_path / "export"
-    entry = export_transformer(ckpt, "full", out, moe="gather").component
+    entry = export_transformer(ckpt, "full", out, moe=moe).component
     model = load_transformer(ckpt, dtype=torch.float32)
     seen = []
     gate = model.single_stream_blocks[0].block.ff_i.gate

@@ -3,7 +3,8 @@ against the same layer in fp32 PyTorch.
 
 Bounds, stated and measured (2026-11, this machine):
 - fp16, ONNX Runtime CPU: cosine >= 0.9999 and max |err| <= 5e-3 * max |ref| (measured 0.999999 and 7e-4;
-  no routing flips at fp16 precision on this input).
+  no routing flips at fp16 precision on this input). The same bound holds for the `ort` lowering's
+  com.microsoft.MoE node on onnxruntime 1.32.
 - bf16: ONNX Runtime's CPU provider has no bf16 TopK/MatMul kernels (the session refuses the graph), so
   the bf16 graph runs in onnx's ReferenceEvaluator instead. bf16 flips the top-2 of a few tokens (4 of
   300 here: spec quirk 5), so elementwise bounds are measured against what PyTorch itself does in bf16:
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from hidream_export.model import PRESETS
+from hidream_export.moe import ort_moe
 from hidream_export.model.moe import MoEFeedForward
 
 
@@ -31,7 +33,8 @@ def _layer(lowering: str, dtype=torch.float32, state=None):
 
 
 def _export(moe, x, path):
-    program = torch.onnx.export(moe, (x,), dynamo=True,
+    table = ort_moe.translation_table() if moe.lowering == "ort" else None
+    program = torch.onnx.export(moe, (x,), dynamo=True, custom_translation_table=table,
                                 dynamic_shapes=({1: torch.export.Dim("tokens", min=2, max=4096)},))
     program.save(path)
     return path
@@ -49,8 +52,10 @@ def fp32_reference():
         return moe.state_dict(), x, moe(x).numpy()
 
 
-@pytest.mark.parametrize("lowering", ["dense", "gather"])
+@pytest.mark.parametrize("lowering", ["dense", "gather", "ort"])
 def test_fp16_layer_on_onnxruntime(fp32_reference, lowering, tmp_path):
+    """`ort`: ONNX Runtime's CPU MoE kernel in fp16, which returned zeros before 1.32 (the runtime and
+    compare refuse it there: hidream_export/runtime/ort_kernels.py)."""
     import onnxruntime as ort
 
     state, x, ref = fp32_reference

@@ -23,7 +23,7 @@ def _outputs(folder, entry, sizes=((256, 256), (336, 128))):
     return [session.run(None, random_feed(entry, w, h, entry.batch_multiple, i))[0] for i, (w, h) in enumerate(sizes)]
 
 
-@pytest.mark.parametrize("moe", ["gather", "plugin"])
+@pytest.mark.parametrize("moe", ["gather", "plugin", "ort"])
 def test_streamed_export_is_bit_identical_to_plain_export(tiny_transformer_dir, tiny_export, tmp_path, moe):
     s_dir, s_result = tiny_export(moe)
     streamed = s_result.component

@@ -7,6 +7,7 @@ import torch
 from hidream_export.model import PRESETS, HiDreamTransformer, TransformerConfig
 from hidream_export.model.embeddings import RopeTables
 from hidream_export.model.moe import MoEFeedForward
+from hidream_export.moe import ort_moe  # noqa: F401  (defines torch.ops.ort.MoE, which the `ort` lowering calls)
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_moe_lowerings_agree_with_official_algorithm(num_experts, top_k, routing
         assert (counts == 0).any()
     with torch.no_grad():
         expected = _official_moe_infer(moe, x)
-        for lowering in ("reference", "dense", "gather"):
+        for lowering in ("reference", "dense", "gather", "ort"):  # ort: torch.ops.ort.MoE's own maths
             moe.lowering = lowering
             got = moe(x)
             assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), lowering

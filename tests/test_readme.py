@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from hidream_export.cli import main as cli_main
+from hidream_export.testing.loras import DETAIL_MODULES, STYLE_MODULES, random_factors, write_lora
 from hidream_export.testing.model_folder import LLAMA_SUBDIR
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -32,8 +33,13 @@ def _blocks(language: str) -> list[str]:
 def _commands() -> list[str]:
     out = []
     for block in _blocks("bash"):
+        pending = ""
         for line in block.splitlines():
-            line = line.split("  #")[0].strip()
+            line = pending + line.split("  #")[0].strip()
+            if line.endswith("\\"):  # a continued command: joined with the next line, as the shell does
+                pending = line[:-1]
+                continue
+            pending = ""
             out += [c.strip() for c in line.split("&&") if c.strip()]
     return out
 
@@ -43,6 +49,9 @@ def workdir(tmp_path_factory, tiny_models, built):
     root = tmp_path_factory.mktemp("readme")
     for name in ("full", ".shared"):  # the Full build and the shared store; the README builds Dev itself
         shutil.copytree(built.root / name, root / "engines" / name, symlinks=True)
+    # The README's LoRA files, in the diffusers layout, for the tiny model.
+    write_lora(root / "style.safetensors", random_factors("tiny", STYLE_MODULES, rank=4, seed=1))
+    write_lora(root / "detail.safetensors", random_factors("tiny", DETAIL_MODULES, rank=8, seed=2))
     return root
 
 
@@ -69,11 +78,16 @@ def test_the_readme_commands_run_as_written(workdir, tiny_models):
         assert rc == 0 and "Traceback" not in err, f"{command}\n{err}"
 
 
-def test_the_readme_python_example_runs(workdir):
-    (code,) = [b for b in _blocks("python") if "Pipeline.from_dir" in b]
+def test_the_readme_python_examples_run(workdir):
+    """The runtime example, then the LoRA one in the same namespace (it continues with `pipe`)."""
+    (runtime,) = [b for b in _blocks("python") if "from hidream_export.runtime import Pipeline" in b]
+    (lora,) = [b for b in _blocks("python") if "set_loras" in b]
+    namespace: dict = {}
     with contextlib.chdir(workdir):
-        exec(compile(code, str(README), "exec"), {})
+        exec(compile(runtime, str(README), "exec"), namespace)
+        exec(compile(lora, str(README), "exec"), namespace)
     assert (workdir / "fox.png").is_file()
+    assert [(r.file, r.scale) for r in namespace["pipe"].loras.records] == [("detail.safetensors", 1.0)]
 
 
 def test_lint_takes_options_anywhere_and_help(capsys, tiny_export):

@@ -6,6 +6,7 @@
     python tools/gpu_check.py polygraphy-onnx FOLDER INPUTS OUTPUTS --atol A
     python tools/gpu_check.py polygraphy-engine FOLDER INPUTS OUTPUTS --atol A
     python tools/gpu_check.py bench FOLDER CKPT [--iters N]
+    python tools/gpu_check.py lora FOLDER CKPT
 
 `polygraphy-*` run Polygraphy's own CLI (`polygraphy run ... --trt --load-inputs --load-outputs`) in this
 process after registering the HiDreamMoE plugin, because Polygraphy's --plugins only loads .so files and
@@ -271,6 +272,78 @@ def cmd_bench(args) -> int:
     return 0 if worst >= args.min_cosine else 1
 
 
+def cmd_lora(args) -> int:
+    """A LoRA on every attention projection applied at load time to the TensorRT engine (an in-place refit
+    through the engine's name map), against PyTorch fp32 with the same LoRA fused; a fresh load with the
+    LoRA must give the in-place refit's output, and refitting back the engine's own output, bit for bit."""
+    import numpy as np
+    import torch
+
+    import hidream_export.moe.torch_op  # noqa: F401  (defines torch.ops.hidream.HiDreamMoE)
+    from hidream_export.compare.parity import random_feed
+    from hidream_export.lora import load_loras
+    from hidream_export.manifest import Manifest
+    from hidream_export.model.checkpoint import load_transformer
+    from hidream_export.model.config import TransformerConfig
+    from hidream_export.runtime.lora import resolve
+    from hidream_export.runtime.trt_backend import TrtBackend
+    from hidream_export.testing.loras import attention_modules, random_factors, write_lora
+
+    folder = Path(args.folder)
+    manifest = Manifest.read(folder)
+    entry = manifest.transformer
+    config = TransformerConfig.from_dict(entry.config)
+    lora = write_lora(folder.parent / "gpu_check_lora.safetensors",
+                      random_factors(config, attention_modules(config), rank=8, seed=0), "diffusers")
+    requests = [(lora, 0.8)]
+    update = resolve(folder, manifest, requests)
+    backend = TrtBackend()
+    key = backend.component_key(manifest, "transformer")
+    path, engine = manifest.file_path(folder, key), manifest.components[key]
+    w, h = entry.size_range.opt
+    feed = random_feed(entry, w, h, entry.batch_multiple, seed=2)
+
+    def run(session) -> np.ndarray:
+        return np.asarray(session.run(feed)["sample"], dtype=np.float32)
+
+    session = backend.load(path, engine)
+    plain = run(session)
+    t0 = time.perf_counter()
+    session = backend.update_initializers(session, path, engine, update.initializers, {})
+    refit_s = time.perf_counter() - t0
+    with_lora = run(session)
+    fresh = run(backend.load(path, engine, initializers=update.initializers))
+    back = resolve(folder, manifest, [], update.applied)
+    session = backend.update_initializers(session, path, engine, back.initializers, back.restore)
+    restored = run(session)
+
+    lora_set = load_loras(requests)
+    model = load_transformer(args.checkpoint, dtype=torch.float32, device="cuda", moe_lowering="reference",
+                             rope_dtype="float64")
+    with torch.no_grad():
+        for name in lora_set.keys:
+            param = model.get_parameter(name)
+            param.copy_(torch.from_numpy(lora_set.fused(name, param.detach().cpu().numpy())))
+        ref = model(*(torch.from_numpy(feed[n]).cuda() for n in INPUT_ORDER)).float().cpu().numpy()
+
+    def cosine(a, b) -> float:
+        a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    checks = {"engine + LoRA vs PyTorch + LoRA (cosine)": cosine(with_lora, ref),
+              "engine without LoRA vs PyTorch + LoRA (cosine, guard)": cosine(plain, ref)}
+    for label, value in checks.items():
+        print(f"{label}: {value:.6f}")
+    same_fresh, same_back = np.array_equal(fresh, with_lora), np.array_equal(restored, plain)
+    print(f"fresh load with the LoRA == in-place refit: {same_fresh}; refit back == the engine's own output: "
+          f"{same_back}")
+    ok = (checks["engine + LoRA vs PyTorch + LoRA (cosine)"] >= args.min_cosine and same_fresh and same_back
+          and checks["engine without LoRA vs PyTorch + LoRA (cosine, guard)"] < checks[
+              "engine + LoRA vs PyTorch + LoRA (cosine)"])
+    print(f"refit of {len(update.initializers)} weights in {refit_s:.2f} s; {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -301,6 +374,11 @@ def main(argv=None) -> int:
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--min-cosine", type=float, default=0.99, help="fail if a backend's output is less similar to eager")
     t.set_defaults(func=cmd_bench)
+    q = sub.add_parser("lora")
+    q.add_argument("folder")
+    q.add_argument("checkpoint")
+    q.add_argument("--min-cosine", type=float, default=0.99)
+    q.set_defaults(func=cmd_lora)
     args = p.parse_args(argv)
     try:
         return args.func(args)

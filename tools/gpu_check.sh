@@ -12,9 +12,10 @@
 #   1. gpu: nvidia-smi                          2. measure: tools/gpu_measure.py (Triton MoE kernels vs the
 #      PyTorch reference, real-config forward per MoE lowering at 1024x1024 batch 1 and 2, projected image
 #      times; table + JSON)                       3. Triton kernel tests on the GPU (tests/test_moe_triton.py)
-#   4-9. TensorRT, when `import tensorrt` works: checkpoint (PRESET, default small), export (plugin MoE),
+#   4-10. TensorRT, when `import tensorrt` works: checkpoint (PRESET, default small), export (plugin MoE),
 #      compare with ONNX Runtime, engines (tools/gpu_check.py build), Polygraphy against the PyTorch goldens,
-#      timing (tools/gpu_check.py bench)
+#      timing (tools/gpu_check.py bench), a LoRA applied at load time by refitting the engine through its name
+#      map, against PyTorch with the LoRA fused, then refit back (tools/gpu_check.py lora)
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -122,11 +123,11 @@ TRT_WHY=""
 [[ $GPU == 1 ]] || TRT_WHY="no GPU"
 has tensorrt || TRT_WHY="${TRT_WHY:+$TRT_WHY; }TensorRT is not installed (import tensorrt fails)"
 if [[ -n "$TRT_WHY" ]]; then
-  for step in checkpoint export compare "tensorrt build" polygraphy timing; do verdict SKIP "$step" "$TRT_WHY"; done
+  for step in checkpoint export compare "tensorrt build" polygraphy timing "lora (trt refit)"; do verdict SKIP "$step" "$TRT_WHY"; done
   summary
 fi
 if [[ $DRY_RUN == 1 ]]; then
-  for step in checkpoint export compare "tensorrt build" polygraphy timing; do verdict PLAN "$step" "TensorRT path"; done
+  for step in checkpoint export compare "tensorrt build" polygraphy timing "lora (trt refit)"; do verdict PLAN "$step" "TensorRT path"; done
   summary
 fi
 
@@ -190,4 +191,16 @@ else
   verdict SKIP polygraphy "no engine or no goldens"
   verdict SKIP timing "no engine"
 fi
+
+# ---- 10. a LoRA applied at load time: TensorRT refit through the engine's name map ----------------------------------
+if [[ "$BUILT" == 1 ]]; then
+  if run_step lora "$LOGS/lora.log" "$PY" tools/gpu_check.py lora "$OUT" "$CKPT"; then
+    verdict PASS "lora (trt refit)" "$(grep -E '^refit' "$LOGS/lora.log" | tail -1)"
+  else
+    verdict FAIL "lora (trt refit)" "see $LOGS/lora.log"
+  fi
+else
+  verdict SKIP "lora (trt refit)" "no engine (the build failed)"
+fi
+
 summary

@@ -39,15 +39,16 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from hidream_export.errors import ExportError, HiDreamExportError, one_line
 from hidream_export.export import encoders as encoders_mod
 from hidream_export.export import tokenizers as tokenizers_mod
 from hidream_export.export import vae as vae_mod
-from hidream_export.export.common import (DATA_NAME, DEFAULT_OPSET, EXPORTERS, ONNX_NAME, check_opset, model_source_files,
-                                          own_version)
-from hidream_export.export.transformer import check_out_dir, export_transformer
+from hidream_export.export.common import (DATA_NAME, DEFAULT_OPSET, EXPORTERS, ONNX_NAME, check_opset, model_errors,
+                                          model_source_files, own_version)
+from hidream_export.export.targets import TENSORRT, resolve_target
+from hidream_export.export.transformer import check_out_dir, checkpoint_loras, export_transformer
 from hidream_export.files import (atomic_write_json, file_record, folder_lock, read_json_object, remove_tree, sha256_file,
                                   sha256_files, staged_dir, swap_dir)
 from hidream_export.manifest import (SHARED_DIR, Component, FileRecord, Manifest, SchedulerComponent, SharedRef,
@@ -373,30 +374,32 @@ def _umask() -> int:
 # ---- the build -----------------------------------------------------------------------------------------------
 
 def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: str | Path | None = None, *,
-                   llama: str | Path | None = None, moe: str = "gather", dtype: str = "fp32",
+                   llama: str | Path | None = None, moe: str = "gather", target: str | None = None, dtype: str = "fp32",
                    encoder_dtype: str = "fp32", shared_root: str | Path | None = None, force: bool = False,
                    trt: bool = False, opset: int | None = None, exporter: str = "auto", link: str = "auto",
-                   trt_options=None, quiet: bool = True, quant: str | None = None, quant_block: int | None = None,
-                   calibration: str | Path | None = None, ort_accuracy_level: int | None = None,
-                   quant_encoders: str | None = None) -> Manifest:
+                   trt_options=None, loras: Sequence = (), quiet: bool = True, quant: str | None = None,
+                   quant_block: int | None = None, calibration: str | Path | None = None,
+                   ort_accuracy_level: int | None = None, quant_encoders: str | None = None) -> Manifest:
     """Export everything `variant` needs from a HiDream-I1 model folder into one engine folder; return its
     manifest (also written to OUT/manifest.json).
 
     checkpoint     model folder in the diffusers layout (transformer, text_encoder*, tokenizer*, vae, scheduler)
     out_dir        default engines/<variant>
     llama          Meta-Llama-3.1-8B-Instruct folder; default CHECKPOINT/llama (the CLI's --llama)
-    moe, dtype     the transformer's MoE lowering and dtype (export_transformer)
+    moe, target, dtype  the transformer's MoE lowering, target runtime and dtype (export_transformer)
     encoder_dtype  text encoders' dtype (fp32 default; the VAE is always fp32)
     shared_root    the shared store; default <out_dir.parent>/.shared
     force          re-export everything, and allow replacing a folder built for another variant/checkpoint
     trt            also build TensorRT engines (trt_options: a build.trt.TrtBuildOptions); without TensorRT
                    one notice line, and the ONNX folder
-    opset          ONNX opset of every graph (default 20; 21 when anything is quantized)
+    opset          ONNX opset of every graph (default 20; the transformer's follows its target and is at least 21
+                   when quantized, the encoders' 21 with quant_encoders)
     quant, quant_block, calibration, ort_accuracy_level
                    the transformer's quantization (export_transformer; hidream_export.quant)
     quant_encoders weight-only int8/int4 of the T5 and Llama encoders (with quant_block when given)
     exporter       the encoders'/VAE's exporter ("auto": dynamo, TorchScript fallback recorded in the manifest)
     link           how variant folders get the shared files: auto (reflink, else copy), reflink, hardlink or copy
+    loras          LoRAs fused into the transformer's weights (export_transformer's `loras`)
     quiet          no progress bar for the transformer's weights
     """
     v = get_variant(variant)
@@ -410,8 +413,13 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
         raise ExportError(f"--link {link!r} is not one of {LINK_MODES}")
     from hidream_export.quant.scheme import MIN_OPSET, QuantScheme
 
-    if opset is None and (quant or quant_encoders):
-        opset = MIN_OPSET  # blocked DequantizeLinear and FP8 types
+    target, transformer_opset = resolve_target(target, moe, None if opset is None else check_opset(opset))
+    if trt and target != TENSORRT:
+        raise ExportError(f"--trt builds TensorRT engines, but the transformer would be an {target} graph "
+                          f"(--moe {moe}, --target {target}); use --target {TENSORRT} with --moe gather, dense or "
+                          f"plugin")
+    if opset is None and quant_encoders:
+        opset = MIN_OPSET  # the encoders' blocked DequantizeLinear
     opset = check_opset(opset)
     # --quant-block applies to the encoders too when given (their widths are multiples of 128 in the real model).
     encoder_quant = QuantScheme.parse(quant_encoders, quant_block if quant_encoders and quant != "fp8" else None,
@@ -432,6 +440,12 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     plan = plan_shared_components(checkpoint, llama, encoder_dtype=encoder_dtype, opset=opset, exporter=exporter,
                                   encoder_quant=encoder_quant)
     scheduler_config = _read_scheduler(checkpoint)
+    if loras:  # read and fitted to the checkpoint's headers before anything is written
+        from hidream_export.model.checkpoint import locate_checkpoint
+
+        with model_errors():
+            ckpt = locate_checkpoint(checkpoint)
+        loras = checkpoint_loras(ckpt, loras)
     check_out_dir(out_dir, [checkpoint, *{comp.source for comp in plan}])
     for comp in plan:
         _check_source(comp)
@@ -439,8 +453,9 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
 
     with folder_lock(out_dir):
         # export_transformer reuses an up-to-date export (same checkpoint and settings, files intact) by itself.
-        result = export_transformer(checkpoint, v, out_dir, moe=moe, dtype=dtype, opset=opset, force=force,
-                                    quiet=quiet, quant=quant, quant_block=quant_block, calibration=calibration,
+        result = export_transformer(checkpoint, v, out_dir, moe=moe, target=target, dtype=dtype,
+                                    opset=transformer_opset, force=force, loras=loras, quiet=quiet, quant=quant,
+                                    quant_block=quant_block, calibration=calibration,
                                     ort_accuracy_level=ort_accuracy_level)
         if result.reused:
             log.info("transformer: %s is up to date; not exporting it again", out_dir / "transformer")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from hidream_export.errors import BuildPlanError, ManifestError
+from hidream_export.export.targets import TENSORRT
 from hidream_export.manifest import (SHARED_DIR, TRANSFORMER, Manifest, OnnxComponent, PluginRequirement,
                                      TransformerComponent, TrtEngineComponent, engine_file_name, engine_key,
                                      normalize_compute_capability)
@@ -433,6 +434,10 @@ def make_build_plan(manifest: "Manifest | Mapping[str, Any]", folder: str | Path
     if not onnx_names:
         raise BuildPlanError(f"{folder}/manifest.json lists no ONNX components to build engines from")
     transformer = manifest.transformer
+    if transformer is not None and TRANSFORMER in onnx_names and transformer.target != TENSORRT:
+        raise BuildPlanError(f"{folder}/manifest.json: the transformer is an {transformer.target} graph "
+                             f"(moe_lowering {transformer.moe_lowering}), not a TensorRT one; export it with --target "
+                             f"{TENSORRT}, or leave it out with --engines")
     store = Path("..") / SHARED_DIR
     workspace = int(options.workspace_gib * 2**30) if options.workspace_gib else None
     notes = []

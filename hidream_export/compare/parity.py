@@ -19,7 +19,7 @@ import numpy as np
 
 from hidream_export.errors import CompareError
 from hidream_export.manifest import Manifest, TransformerComponent
-from hidream_export.runtime.backends import check_providers
+from hidream_export.runtime.ort_kernels import check_providers
 from hidream_export.variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, parse_size
 
 # Default pass criteria per export dtype. fp32: the exported graph differs from the reference only in
@@ -282,7 +282,7 @@ def compare_onnx(checkpoint: str | Path, model_path: str | Path, *, sizes=None, 
     if timesteps == "recipe":
         timesteps = sampling_timesteps(manifest.variant)
     providers = list(providers or ["CPUExecutionProvider"])
-    check_providers(entry, providers, model_path)
+    check_providers(entry, providers, str(model_path))  # before the reference model is loaded
     size_range = entry.size_range
     sizes = [parse_size(s) if isinstance(s, str) else tuple(s) for s in (sizes or default_sizes(size_range, entry.max_seq))]
     batch = batch or entry.batch_multiple

@@ -105,6 +105,10 @@ def _trace_part(name, module, args, dims, input_names, output_names, spec: Expor
     model = onnx_program.model
     del program, onnx_program
     gc.collect()
+    if spec.moe == "ort" and name in ("double", "single"):
+        from hidream_export.moe import ort_moe
+
+        ort_moe.name_fused_weights(model, spec.config.num_routed_experts)  # fc1/fc2 in the op's layout
     weights = streaming.weightless_optimize(model)
     if spec.quant is not None:
         from hidream_export.quant.graph import quantize_graph

@@ -23,6 +23,7 @@ class ExportSpec:
     dtype: str  # "fp32" | "fp16" | "bf16"
     opset: int
     moe: str  # the MoE lowering (hidream_export.model.lowerings)
+    target: str = "tensorrt"  # the runtime the graph is shaped for (hidream_export.export.targets)
     quant: QuantScheme | None = None  # quantized linear weights (hidream_export.quant), None: all in `dtype`
 
     @property
@@ -43,17 +44,28 @@ class ExportSpec:
         return transformer_signature(self.config, self.variant, self.size_range, self.batch, self.dtype)
 
     def translation_table(self) -> dict | None:
-        """The torch -> ONNX translations the lowering needs (the HiDreamMoE node for `plugin`)."""
-        if self.moe != "plugin":
-            return None
-        from hidream_export.moe import onnx_node
+        """The torch -> ONNX translations the lowering and the target need (the HiDreamMoE node for
+        `plugin`, the com.microsoft.MoE node for `ort`, the fused attention of the onnxruntime target);
+        importing them defines the torch op a lowering calls."""
+        from hidream_export.export import targets
 
-        return onnx_node.translation_table()
+        table = dict(targets.translation_table(self.target))
+        if self.moe == "plugin":
+            from hidream_export.moe import onnx_node
+
+            table.update(onnx_node.translation_table())
+        if self.moe == "ort":
+            from hidream_export.moe import ort_moe
+
+            table.update(ort_moe.translation_table())
+        return table or None
 
     def to_key(self) -> dict:
         """What the export's settings key hashes (besides checkpoint and versions)."""
         key = {"variant": self.variant.name, "moe": self.moe, "dtype": self.dtype, "opset": self.opset,
                "size_range": self.size_range.to_dict(), "batch": self.batch.to_dict()}
+        if self.target != "tensorrt":  # so folders exported before targets existed keep their settings
+            key["target"] = self.target
         if self.quant is not None:  # absent for float exports, so their keys (and caches) stay as they were
             key["quant"] = self.quant.to_key()
         return key

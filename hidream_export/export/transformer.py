@@ -6,9 +6,14 @@ Output: OUT/transformer/model.onnx with its weights always in external data (mod
 - One file serves every batch, square and non-square size in the range (the model has no shape-
   dependent control flow, see hidream_export/model/transformer.py); text length is fixed at 128.
 - The MoE lowering is one of hidream_export.model.lowerings. Routing stays in standard ops (MatMul ->
-  Softmax -> TopK) and is computed from the inputs: nothing of the sample input's routing is baked in.
+  Softmax -> TopK), or inside ONNX Runtime's MoE node for `ort`, and is computed from the inputs: nothing
+  of the sample input's routing is baked in. The target (export/targets.py) says which runtime the rest
+  of the graph is shaped for.
 - Streaming (default): traced on fake tensors block by block (blockwise.py), weights streamed from the
   checkpoint (streaming.py); resumable. Plain (`streaming=False`): the usual load-then-export recipe.
+- LoRAs (`--lora FILE[:SCALE]`, hidream_export.lora) are fused into the weights as they are written: each
+  adapted weight gets its delta added in float32 before the one cast to the export dtype, piece by piece
+  on the streaming path. The manifest records them, and another set of LoRAs is another export.
 - Clean-up: the onnxscript optimizer, ONNX shape inference (into a new file, renamed) and the
   path-based `onnx.checker`.
 - Safety: `--out` is locked for the run, must not be or hold the checkpoint, and must be empty or an
@@ -22,13 +27,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from hidream_export.errors import ExportError
 from hidream_export.export.common import (DATA_NAME, ONNX_NAME, check_opset, model_errors, own_version,
                                           settings_key)
 from hidream_export.export.spec import ExportSpec, dynamic_shapes, sample_inputs
+from hidream_export.export.targets import resolve_target
 from hidream_export.files import (LOCK_NAME, folder_lock, remove_tree, replace_file, sha256_files, staged_dir,
                                   swap_dir)
+from hidream_export.lora import EXPORT_NUMPY_DTYPES, LoraSet, load_loras
 from hidream_export.manifest import (MANIFEST_NAME, FileRecord, Manifest, PluginRequirement, TensorSpec,
                                      TransformerComponent)
 from hidream_export.model.lowerings import EXPORT_LOWERINGS
@@ -187,13 +197,25 @@ def plan_transformer_export(config, dtype: str, moe: str, out_dir: Path, action:
     from hidream_export.quant.export import weight_bytes
 
     shapes = expected_shapes(config)
-    n_rope = 4  # cos/sin tables of the two spatial axes
+    computed = 4  # cos/sin tables of the two spatial axes
     weights = weight_bytes(shapes, dtype, quant)
-    # Measured (blockwise graph, gather lowering): 277 KiB for the tiny preset's 4 blocks, about 0.6 MiB for
-    # 12 blocks; the prologue, epilogue and shape tables are the constant part.
-    graph_estimate = 128 * 2**10 + config.num_blocks * 40 * 2**10
+    if moe == "ort":  # each MoE layer's 3E expert tensors become two stacks (fc1, fc2): same bytes
+        stacked = [k for k in shapes if ".experts." in k]
+        shapes = {k: v for k, v in shapes.items() if k not in stacked}
+        computed += 2 * len(stacked) // (3 * config.num_routed_experts)
+    # Measured (blockwise graph, no node metadata): 0.3 MB for the tiny preset, 0.6 MB for 12 blocks,
+    # 2.9-3.2 MB for the real 48.
+    graph_estimate = 256 * 2**10 + config.num_blocks * 48 * 2**10
     return ExportPlan(out_dir, action, {f"transformer/{ONNX_NAME}": graph_estimate, f"transformer/{DATA_NAME}": weights},
-                      len(shapes) + n_rope, len(shapes), dtype)
+                      len(shapes) + computed, len(shapes), dtype)
+
+
+def checkpoint_loras(ckpt, loras: "Sequence | LoraSet") -> LoraSet:
+    """`loras` read (unless already a LoraSet) and each checked against the checkpoint's weights, from
+    its headers; CheckpointInputError naming the file and keys on the first that does not fit."""
+    lora_set = loras if isinstance(loras, LoraSet) else load_loras(loras)
+    lora_set.check({k: e.shape for k, e in ckpt.entries.items()}, f"the checkpoint {ckpt.root}")
+    return lora_set
 
 
 def _check_disk(out_dir: Path, needed: int) -> None:
@@ -210,18 +232,24 @@ def _partial_bytes(folder: Path) -> int:
 # ---- the export ------------------------------------------------------------------------------------------
 
 def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir: str | Path | None = None, *,
-                       moe: str = "gather", dtype: str = "fp32", opset: int | None = None,
-                       min_size=None, max_size=None, opt_size=None, config=None,
+                       moe: str = "gather", target: str | None = None, dtype: str = "fp32",
+                       opset: int | None = None, min_size=None, max_size=None, opt_size=None, config=None,
                        max_images: int = MAX_IMAGES_PER_PROMPT, force: bool = False, streaming: bool = True,
-                       dry_run: bool = False, quiet: bool = True, verbose: bool = False, quant: str | None = None,
-                       quant_block: int | None = None, calibration: str | Path | None = None,
-                       ort_accuracy_level: int | None = None) -> ExportResult:
+                       loras: Sequence = (), dry_run: bool = False, quiet: bool = True, verbose: bool = False,
+                       quant: str | None = None, quant_block: int | None = None,
+                       calibration: str | Path | None = None, ort_accuracy_level: int | None = None) -> ExportResult:
     """Export a checkpoint's transformer for `variant` into OUT/transformer and OUT/manifest.json.
 
-    streaming=True (default) traces without weights and streams them from the checkpoint (memory: the
-    graph plus one 8 MiB piece); streaming=False exports a loaded model (the usual recipe; kept for
+    target: "tensorrt" or "onnxruntime" (hidream_export.export.targets; default: onnxruntime for --moe ort,
+    else tensorrt). streaming=True (default) traces without weights and streams them from the checkpoint
+    (memory: the graph plus one 8 MiB piece); streaming=False exports a loaded model (the usual recipe; kept for
     contrast). An up-to-date export with the same settings is reused (unless force); an interrupted
     streaming export resumes. With dry_run, nothing is written and `result.plan` says what would be.
+
+    loras: LoRAs fused into the weights (`--lora FILE[:SCALE]`: paths, (path, scale) pairs or
+    hidream_export.lora.LoraRequest), each checked against the checkpoint before anything is written;
+    another set of LoRAs (by content and scale) is another export. With quant, the fused weights are what
+    is quantized.
     quant ("int8", "int4", "fp8"), quant_block, calibration (fp8's amax.json) and ort_accuracy_level (the
     MatMulNBits compute ONNX Runtime uses): see hidream_export.quant.
     """
@@ -233,20 +261,23 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
         raise ExportError(f"--moe {moe!r} is not one of {EXPORT_LOWERINGS}")
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {EXPORT_DTYPES}")
-    opset = None if opset is None else check_opset(opset)
+    target, opset = resolve_target(target, moe, None if opset is None else check_opset(opset))
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir) if out_dir else v.default_out_dir
     with model_errors():
         ckpt = locate_checkpoint(checkpoint, config)
         check_keys(ckpt)  # both paths: missing/extra/wrong-shaped keys before any tracing or writing
     check_variant_matches_checkpoint(checkpoint, v)
+    lora_set = checkpoint_loras(ckpt, loras)
     cfg = ckpt.config
     q, opset = quant_export.resolve(quant, quant_block, calibration, shapes=expected_shapes(cfg), moe=moe,
                                     opset=opset, streaming=streaming, ort_accuracy_level=ort_accuracy_level)
     opset = check_opset(opset)
     spec = ExportSpec(cfg, v, resolve_size_range(v, cfg, min_size, max_size, opt_size),
-                      batch_range(v, max_images), dtype, opset, moe, q.scheme if q else None)
+                      batch_range(v, max_images), dtype, opset, moe, target, q.scheme if q else None)
     settings = {**spec.to_key(), "streaming": streaming}
+    if lora_set:  # only then, so exports without LoRAs keep their settings key
+        settings["loras"] = lora_set.identity()
     sources = ckpt.files + ([ckpt.config_file] if ckpt.config_file else [])
     checkpoint_hash = None
     if q and q.calibration:  # before anything is written: ranges measured on another checkpoint are refused
@@ -283,9 +314,9 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
             tmp = staged_dir(out_dir, "transformer")
         try:
             if streaming:
-                initializer_map = _export_streaming(ckpt, tmp, spec, key, quiet, q)
+                initializer_map = _export_streaming(ckpt, tmp, spec, key, quiet, lora_set, q)
             else:
-                initializer_map = _export_plain(checkpoint, config, tmp, spec, verbose)
+                initializer_map = _export_plain(checkpoint, ckpt, config, tmp, spec, verbose, lora_set)
             initializers = _finish_graph(tmp)
             seconds = time.perf_counter() - t0
             files = {f"transformer/{name}": FileRecord.of(tmp / name) for name in (ONNX_NAME, DATA_NAME)}
@@ -299,6 +330,7 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
             raise
         component = _component(spec, files, initializers, initializer_map, streaming, key, settings, checkpoint,
                                checkpoint_hash, seconds, q)
+        component.loras = lora_set.records()
         manifest.variant = v
         manifest.components["transformer"] = component
         manifest.write(out_dir)
@@ -363,7 +395,8 @@ def _component(spec: ExportSpec, files, initializers: int, initializer_map: dict
         dtype=spec.dtype,
         inputs=[TensorSpec(t.name, t.dtype, t.shape) for t in sig.inputs],
         outputs=[TensorSpec(t.name, t.dtype, t.shape) for t in sig.outputs],
-        axes=dict(sig.axes), moe_lowering=spec.moe, opset=spec.opset, batch_multiple=sig.batch_multiple,
+        axes=dict(sig.axes), moe_lowering=spec.moe, target=spec.target, opset=spec.opset,
+        batch_multiple=sig.batch_multiple,
         size_range=sig.size_range, max_seq=sig.max_seq, config=spec.config.to_dict(), initializers=initializers,
         initializer_map=initializer_map, streaming=streaming, settings_key=key, plugin=plugin,
         quant=record(q, initializer_map, onnxruntime.__version__) if q else None,
@@ -373,16 +406,21 @@ def _component(spec: ExportSpec, files, initializers: int, initializer_map: dict
                "export_seconds": round(seconds, 2)})
 
 
-def _export_plain(checkpoint: Path, config, tmp: Path, spec: ExportSpec, verbose: bool) -> dict:
+def _export_plain(checkpoint: Path, ckpt, config, tmp: Path, spec: ExportSpec, verbose: bool, lora_set: LoraSet
+                  ) -> dict:
     """The usual recipe: load the model, export it with its weights, let the exporter fold constants."""
     import torch
 
-    from hidream_export.model.checkpoint import load_transformer
+    from hidream_export.model.checkpoint import iter_tensors, load_transformer
 
     translation = spec.translation_table()
     with model_errors():
         model = load_transformer(checkpoint, dtype=spec.torch_dtype, moe_lowering=spec.moe, config=config,
                                  rope_dtype="float32", rope_max_positions=spec.max_positions)
+    # LoRA targets are read again in float32 and fused before the one cast, as the streaming path does.
+    with torch.no_grad():
+        for name, base in iter_tensors(ckpt, torch.float32, keys=lora_set.keys):
+            model.get_parameter(name).copy_(torch.from_numpy(lora_set.fused(name, base.numpy())))
     with torch.no_grad():
         program = torch.onnx.export(
             model, sample_inputs(spec), dynamo=True, dynamic_shapes=dynamic_shapes(spec),
@@ -399,7 +437,7 @@ def _export_plain(checkpoint: Path, config, tmp: Path, spec: ExportSpec, verbose
     return {n: n for n in names if n in keys}
 
 
-def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, q=None) -> dict:
+def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, lora_set: LoraSet, q=None) -> dict:
     """Trace block by block on fake tensors (blockwise.py), write the graph with external references,
     stream the weights; resume a previous run with the same key when its files check out."""
     import torch
@@ -409,16 +447,20 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
     from hidream_export.model.embeddings import RopeTables
     from hidream_export.quant.export import initializer_source, source_key
 
+    fused_weight = _fused_weights(spec)
     onnx_path, data_path, journal = tmp / ONNX_NAME, tmp / DATA_NAME, tmp / streaming.JOURNAL
     slots, start = streaming.resume_point(onnx_path, data_path, journal, key)
     if slots is None:
         for p in tmp.iterdir():
             remove_tree(p)
         slots = blockwise.export_graph(spec, onnx_path, DATA_NAME)
-        unknown = [s.name for s in slots if source_key(s.name) not in ckpt.entries and not s.name.startswith("rope.")]
+        fused = {s.name: fused_weight(s.name) for s in slots if fused_weight(s.name) is not None}
+        unknown = [s.name for s in slots if source_key(s.name) not in ckpt.entries and s.name not in fused
+                   and not s.name.startswith("rope.")]
         if unknown:
             raise ExportError(f"traced graph has initializers with no source in the checkpoint: {unknown[:5]}")
-        unused = sorted(set(ckpt.entries) - {source_key(s.name) for s in slots})
+        sources = {k for f in fused.values() for keys in f.sources for k in keys}
+        unused = sorted(set(ckpt.entries) - {source_key(s.name) for s in slots} - sources)
         if unused:  # a weight the graph never reads: the export would silently drop part of the model
             raise ExportError(f"{len(unused)} checkpoint tensors have no place in the traced graph: {unused[:5]}")
         start = 0
@@ -430,25 +472,85 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
         with open(entry.file, "rb") as fh:
             yield from read_tensor_chunks(fh, entry, dtype)
 
+    def float32_values(entry):
+        with open(entry.file, "rb") as fh:
+            for piece in read_tensor_chunks(fh, entry, torch.float32):
+                yield np.frombuffer(piece, dtype=np.float32)
+
+    lora_keys = set(lora_set.keys)
+    out_dtype = EXPORT_NUMPY_DTYPES[spec.dtype]
+
+    def float32_weight(name: str):
+        # Quantized from float32 whatever the export dtype (a bf16 checkpoint's values exactly), LoRAs fused first.
+        entry = ckpt.entries[name]
+        if name in lora_keys:
+            return entry.shape, lora_set.fuse_pieces(name, entry.shape, float32_values(entry), np.float32)
+        return entry.shape, pieces(entry, torch.float32)
+
     quantized = None
     if q is not None:
         from hidream_export.quant.weights import QuantFetch
 
-        # Quantized from float32 whatever the export dtype: a bf16 checkpoint's values exactly.
-        quantized = QuantFetch(q.scheme, spec.dtype, lambda w: (ckpt.entries[w].shape, pieces(ckpt.entries[w],
-                               torch.float32)), lambda module: f"{module}.weight", q.calibration)
+        quantized = QuantFetch(q.scheme, spec.dtype, float32_weight, lambda module: f"{module}.weight", q.calibration)
+
+    def fused_pieces(sources):
+        for keys in sources:  # one expert after the other
+            entries = [ckpt.entries[k] for k in keys]
+            yield from (pieces(entries[0]) if len(entries) == 1 else _interleaved_rows(*entries, tdtype))
 
     def fetch(name: str):
         if quantized is not None and (found := quantized(name)) is not None:
             return streaming.TensorPieces(found[0], [found[1]])
         if name.startswith("rope."):
             return getattr(rope, name.split(".", 1)[1]).to(torch.float32)
+        fused = fused_weight(name)
+        if fused is not None:  # (E, parts * rows, cols) from each expert's (rows, cols) tensors
+            rows, cols = ckpt.entries[fused.sources[0][0]].shape
+            shape = (len(fused.sources), len(fused.sources[0]) * rows, cols)
+            return streaming.TensorPieces(shape, fused_pieces(fused.sources))
         # In pieces: the largest tensor (150 MiB in the real model) is never held whole, so peak memory
         # does not grow with the model's widths either.
         entry = ckpt.entries[name]
+        if name in lora_keys:  # base + LoRA delta in float32, one cast; still piece by piece
+            return streaming.TensorPieces(entry.shape, lora_set.fuse_pieces(name, entry.shape, float32_values(entry),
+                                                                            out_dtype))
         return streaming.TensorPieces(entry.shape, pieces(entry))
 
     streaming.stream_weights(data_path, slots, fetch, journal, start=start, quiet=quiet,
                              journal_base={"key": key, "graph_done": True})
     return {s.name: (s.name if s.name in ckpt.entries else
                      initializer_source(s.name, spec.quant) or f"computed:{s.name}") for s in slots}
+
+
+def _fused_weights(spec: ExportSpec):
+    """name -> FusedWeight (or None) for the lowering's weights that no checkpoint tensor holds as they are:
+    the `ort` lowering's fc1/fc2 stacks."""
+    if spec.moe != "ort":
+        return lambda name: None
+    from hidream_export.moe import ort_moe
+
+    return lambda name: ort_moe.fused_weight(name, spec.config.num_routed_experts)
+
+
+def _interleaved_rows(a, b, dtype, chunk_bytes: int = 4 * 2**20):
+    """The bytes of `swiglu_fused_rows(A, B)` for two (rows, cols) checkpoint tensors, a block of whole rows
+    of each at a time, into one reused buffer (so memory is two blocks and their interleaving, never a whole
+    tensor). Each piece is a view of that buffer: consume it before asking for the next one."""
+    import torch
+
+    from hidream_export.export.streaming import tensor_bytes
+    from hidream_export.model.checkpoint import DTYPES, read_tensor_chunks
+    from hidream_export.model.moe import swiglu_fused_rows
+
+    if a.shape != b.shape or len(a.shape) != 2:
+        raise ExportError(f"{a.key} {a.shape} and {b.key} {b.shape}: expected two matrices of one shape to interleave")
+    cols = a.shape[1]
+    row_bytes = cols * max(DTYPES[a.dtype].itemsize, DTYPES[b.dtype].itemsize, dtype.itemsize)
+    rows = max(1, chunk_bytes // row_bytes)
+    fused = torch.empty(rows, 2, cols, dtype=dtype)
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:  # whole rows: both readers cut at the same row
+        for pa, pb in zip(read_tensor_chunks(fa, a, dtype, rows * row_bytes),
+                          read_tensor_chunks(fb, b, dtype, rows * row_bytes)):
+            rows_a = torch.frombuffer(pa, dtype=dtype).view(-1, cols)
+            rows_b = torch.frombuffer(pb, dtype=dtype).view(-1, cols)
+            yield tensor_bytes(swiglu_fused_rows(rows_a, rows_b, out=fused[:len(rows_a)]))

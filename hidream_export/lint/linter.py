@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
-from hidream_export.errors import LintInputError
+from hidream_export.errors import LintInputError, NotATensorRTGraph
 from hidream_export.lint.checks import ALSO_OUTPUT_TYPED, CHECKS, DDS_SOURCES, TYPED_BY_OUTPUT, TYPED_INPUT
 from hidream_export.lint.graph import NodeCtx, Scope, fill_scope
 from hidream_export.lint.plugins import DEFAULT_PLUGINS, PluginSpec
@@ -363,6 +363,22 @@ def _load(path: Path) -> onnx.ModelProto:
     return model
 
 
+ONNXRUNTIME_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops; TensorRT's parser reads none of them
+
+
+def _refuse_onnxruntime_graph(model: onnx.ModelProto, label: str) -> None:
+    """A graph with ONNX Runtime contrib nodes is an ONNX Runtime graph: linting it op by op would only list
+    errors, so say what it is in one line."""
+    nodes = [n for n in model.graph.node if n.domain == ONNXRUNTIME_DOMAIN]
+    nodes += [n for f in model.functions for n in f.node if n.domain == ONNXRUNTIME_DOMAIN]
+    if nodes:
+        ops = ", ".join(sorted({n.op_type for n in nodes}))
+        raise NotATensorRTGraph(f"{label} is an ONNX Runtime graph, not a TensorRT graph: {len(nodes)} "
+                                f"{ONNXRUNTIME_DOMAIN} node(s) ({ops}, e.g. from --moe ort) that TensorRT's parser "
+                                f"does not read; export with --target tensorrt (--moe gather, dense or plugin) "
+                                f"to build engines")
+
+
 def _with_inferred_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference fills value_info so dtype checks see intermediate tensors. It reads only the proto
     (never external data); any failure just leaves the declared types."""
@@ -386,12 +402,14 @@ def lint_onnx(model_or_path: onnx.ModelProto | str | Path, *,
     `plugins`: the plugins the TensorRT build will register; None means ours (`hidream::HiDreamMoE`), an empty
     iterable means none. Entries are `PluginSpec`s or 'namespace::OpType[:version]' strings.
     `table`: another transcription of the support matrix (default: the packaged one).
-    Raises LintInputError when the file cannot be read as an ONNX model. External data is never read."""
+    Raises LintInputError when the file cannot be read as an ONNX model, NotATensorRTGraph when it holds ONNX
+    Runtime contrib ops (an `--moe ort` export). External data is never read."""
     if isinstance(model_or_path, onnx.ModelProto):
         model, label = model_or_path, "<in-memory model>"
     else:
         path = Path(model_or_path)
         model, label = _load(path), str(path)
+    _refuse_onnxruntime_graph(model, label)
     if infer_types:
         model = _with_inferred_types(model)
     return _Linter(model, table or load_op_table(), _normalize_plugins(plugins), label).run()

@@ -19,6 +19,7 @@ LOWERINGS: dict[str, LoweringInfo] = {info.name: info for info in (
     LoweringInfo("dense", True, "static shapes; every expert on every token (E/k times the routed FLOPs)"),
     LoweringInfo("gather", True, "exact FLOPs: each expert runs on the tokens that picked it (ONNX Runtime)"),
     LoweringInfo("plugin", True, "one HiDreamMoE op per layer: Triton kernels on CUDA, a TensorRT plugin node"),
+    LoweringInfo("ort", True, "one com.microsoft.MoE node per layer: ONNX Runtime's own MoE kernels (not TensorRT)"),
 )}
 EXPORT_LOWERINGS = tuple(name for name, info in LOWERINGS.items() if info.exported)
 

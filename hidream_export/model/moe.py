@@ -19,6 +19,10 @@ interchangeable lowerings with identical maths, chosen by `MoEFeedForward.loweri
   up (E,D,I), down (E,I,D))`, which the ONNX export writes as one `hidream::HiDreamMoE` node and TensorRT
   runs as a plugin. The op is defined outside the model (hidream_export.moe: Triton kernels on CUDA, a
   reference loop on CPU); this lowering only calls it, so the model itself needs nothing but torch.
+- "ort": the routed experts as ONE op in ONNX Runtime's `com.microsoft.MoE` layout,
+  `torch.ops.ort.MoE(x, router_logits (T, E), fc1 (E, 2I, D), fc2 (E, D, I), k)`: the op takes the softmax
+  and the top-k itself, fc1 holds each expert's w1 and w3 rows interleaved (`swiglu_fused_rows`), fc2 its
+  w2. Defined outside the model too (hidream_export.moe.ort_moe), which writes it as the contrib node.
 """
 
 from __future__ import annotations
@@ -61,13 +65,24 @@ class MoEGate(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.normal_(self.weight, std=dim ** -0.5)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, D) -> router logits (T, E), before the softmax."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, D) -> (topk_idx (T, k) int64, topk_weight (T, k))."""
-        scores = F.linear(x, self.weight).softmax(dim=-1)
+        scores = self.logits(x).softmax(dim=-1)
         # The official code asks for sorted=False; the slot order never changes the routed sum (experts
         # are accumulated in ascending expert order), and TensorRT's parser only accepts sorted TopK.
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=True)
         return topk_idx, topk_weight
+
+
+def swiglu_fused_rows(w1: torch.Tensor, w3: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., I, D) gate and up weights -> (..., 2I, D) with their rows interleaved [g0, u0, g1, u1, ...]:
+    ONNX Runtime's fused SwiGLU layout (`swiglu_fusion=1`). Works on whole stacks and on row blocks alike,
+    so the streaming export writes exactly what this returns (into `out`, (..., I, 2, D), if given)."""
+    return torch.stack([w1, w3], dim=-2, out=out).flatten(-3, -2)
 
 
 def routing_weight_matrix(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -120,9 +135,21 @@ def _plugin(moe: "MoEFeedForward", x, topk_idx, topk_weight):
     return op(x, topk_idx.to(torch.int32), topk_weight.to(x.dtype), gate_w, up_w, down_w)
 
 
+def _ort(moe: "MoEFeedForward", x, topk_idx, topk_weight):
+    # The op routes from the logits itself (softmax, then top-k), so the gate's routing is not used here;
+    # a trace drops it as dead code.
+    op = getattr(getattr(torch.ops, "ort", None), "MoE", None)
+    if op is None:
+        raise RuntimeError("MoE lowering 'ort' calls torch.ops.ort.MoE, which is not defined in this process; "
+                           "`import hidream_export.moe.ort_moe` defines it")
+    fc1, fc2 = moe.fused_expert_weights()
+    return op(x, moe.gate.logits(x), fc1, fc2, moe.top_k)
+
+
 # The implementation of each lowering named in lowerings.py: fn(moe_module, x (T, D), topk_idx (T, k),
 # topk_weight (T, k)) -> routed output (T, D).
-MOE_LOWERINGS: dict[str, Callable] = {"reference": _reference, "dense": _dense, "gather": _gather, "plugin": _plugin}
+MOE_LOWERINGS: dict[str, Callable] = {"reference": _reference, "dense": _dense, "gather": _gather, "plugin": _plugin,
+                                      "ort": _ort}
 assert set(MOE_LOWERINGS) == set(LOWERINGS), "every lowering in lowerings.py has an implementation here"
 
 
@@ -152,6 +179,13 @@ class MoEFeedForward(nn.Module):
         w3 = torch.stack([e.w3.weight.t() for e in self.experts])
         w2 = torch.stack([e.w2.weight.t() for e in self.experts])
         return w1, w3, w2
+
+    # ONNX Runtime's MoE layout: fc1 (E, 2I, D) with w1/w3 rows interleaved, fc2 (E, D, I) (nn.Linear's own
+    # (out, in) orientation, so nothing is transposed).
+    def fused_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w1 = torch.stack([e.w1.weight for e in self.experts])
+        w3 = torch.stack([e.w3.weight for e in self.experts])
+        return swiglu_fused_rows(w1, w3), torch.stack([e.w2.weight for e in self.experts])
 
     def invalidate_stacked_weights(self) -> None:
         """Drop the cached stacked weights. Needed only after writing weights through `.data`, which bypasses

@@ -6,8 +6,9 @@
     result = pipe("A cat holding a sign", seed=0)
     result.image.save("cat.png")
 
-Needs only numpy, onnxruntime, tokenizers, pillow and tqdm; importing it (or generating with it)
-never imports torch, and onnxruntime is imported only when a backend is made.
+Needs only numpy, onnxruntime, tokenizers, pillow and tqdm (and safetensors for LoRAs applied at load
+time); importing it (or generating with it) never imports torch, and onnxruntime is imported only when a
+backend is made.
 """
 
 from .backends import Backend, BackendUnavailable, OrtBackend, Session, available_backends, get_backend, register_backend

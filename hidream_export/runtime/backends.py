@@ -26,7 +26,9 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from hidream_export.errors import BackendUnavailable, ManifestError, RequestError
-from hidream_export.manifest import Component, Manifest, OnnxComponent, TransformerComponent
+from hidream_export.manifest import Component, Manifest, OnnxComponent
+from hidream_export.runtime.device import Device, DeviceArray, device_for
+from hidream_export.runtime.ort_kernels import check_providers
 
 __all__ = [
     "Backend",
@@ -70,9 +72,18 @@ class Backend(abc.ABC):
         return name
 
     @abc.abstractmethod
-    def load(self, path: Path, entry: Component) -> Session:
+    def load(self, path: Path, entry: Component, *, initializers: Mapping[str, np.ndarray] | None = None) -> Session:
         """A session for one manifest component: `entry`, whose file is `path` (resolved and confined to
-        its folder by `Manifest.file_path`)."""
+        its folder by `Manifest.file_path`). `initializers` (ONNX initializer name -> value) replace those
+        weights of the graph in this session only (LoRAs applied at load time; the files are unchanged)."""
+
+    def update_initializers(self, session: Session, path: Path, entry: Component, initializers: Mapping[str, np.ndarray],
+                            restore: Mapping[str, np.ndarray]) -> Session:
+        """The session for `entry` running with `initializers` in place of the graph's own, after `session`
+        ran with another set; `restore` has the files' values of initializers that set replaced and this one
+        does not. Default: a new session (onnxruntime fixes weights when a session is made); TensorRT refits
+        the engine in place instead."""
+        return self.load(path, entry, initializers=initializers) if initializers else self.load(path, entry)
 
     def describe(self) -> str:
         """One line for reports: which backend, with which settings."""
@@ -115,9 +126,10 @@ class OrtSession:
     naming the input rather than onnxruntime's generic one. ``InferenceSession.run`` is thread-safe.
     """
 
-    def __init__(self, session: Any, path: str | Path):
+    def __init__(self, session: Any, path: str | Path, keep: Any = None):
         self._session = session
         self.path = Path(path)
+        self._keep = keep  # replacement initializers' buffers: onnxruntime may use them in place
         inputs, outputs = session.get_inputs(), session.get_outputs()
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in outputs]
@@ -151,6 +163,26 @@ class OrtSession:
             return dict(zip(self.output_names, self._session.run(self.output_names, arrays)))
         return self._run_with_ortvalues(arrays)
 
+    def run_bound(self, feeds: Mapping[str, Any], device: Any) -> dict[str, Any]:
+        """``run`` with inputs and outputs on ``device`` (a runtime.device.Device): DeviceArrays (or host
+        arrays, uploaded) in, DeviceArrays out, cast on the device to the dtypes the graph declares, so an
+        fp16/bf16 graph is fed without a host round trip."""
+        self._check_names(feeds)
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            kind = _ORT_TYPES.get(self.input_types[name])
+            if kind is None:
+                raise ManifestError(f"{self.path}: input {name!r} has type {self.input_types[name]}, which the "
+                                    f"I/O-bound loop cannot feed")
+            dtype = _bfloat16_dtype() if kind == "bfloat16" else np.dtype(kind)
+            if not isinstance(value, DeviceArray):
+                value = device.upload(np.asarray(value))
+            binding.bind_ortvalue_input(name, value.astype(dtype, copy=False).value)
+        for name in self.output_names:
+            binding.bind_output(name, device.device_type, device.device_id)
+        self._session.run_with_iobinding(binding)
+        return {name: device.wrap(value) for name, value in zip(self.output_names, binding.get_outputs())}
+
     def _run_with_ortvalues(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """bfloat16 path: onnxruntime's numpy bridge has no bfloat16, so inputs go in as OrtValues
         built from the raw 16-bit words and bfloat16 outputs are copied out of their buffers."""
@@ -180,23 +212,6 @@ def _copy_bfloat16(value: Any) -> np.ndarray:
     if n:
         ctypes.memmove(words.ctypes.data, value.data_ptr(), 2 * n)
     return words.view(_bfloat16_dtype()).reshape(shape)
-
-
-# Transformer exports ONNX Runtime's CPU provider cannot run, and why: refused before a session is made,
-# instead of an INVALID_GRAPH error from deep inside onnxruntime.
-CPU_PROVIDER_LIMITS = {
-    "bf16": "ONNX Runtime's CPU provider has no bfloat16 kernel for TopK (the MoE routing)",
-}
-
-
-def check_providers(entry: Component, providers, path) -> None:
-    """Refuse, in one line, a transformer export the requested execution providers cannot run."""
-    names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
-    why = CPU_PROVIDER_LIMITS.get(getattr(entry, "dtype", None)) if isinstance(entry, TransformerComponent) else None
-    if why and all(n == "CPUExecutionProvider" for n in names):
-        raise BackendUnavailable(f"{path}: a {entry.dtype} transformer does not run on {names}: {why}; use "
-                                 f"--providers CUDAExecutionProvider on a GPU with onnxruntime-gpu, or export "
-                                 f"--dtype fp16 or fp32")
 
 
 class OrtBackend(Backend):
@@ -247,20 +262,34 @@ class OrtBackend(Backend):
             opts.intra_op_num_threads = self.threads
         return opts
 
-    def load(self, path: Path, entry: Component) -> OrtSession:
+    def device(self) -> Device:
+        """Where this backend's sessions keep I/O-bound tensors: the first provider's device."""
+        return device_for(self._ort, self.providers)
+
+    def load(self, path: Path, entry: Component, *, initializers: Mapping[str, np.ndarray] | None = None
+             ) -> OrtSession:
         if not isinstance(entry, OnnxComponent):
             raise ManifestError(f"the ort backend runs ONNX components, not kind {entry.kind!r} ({path})")
-        check_providers(entry, self.providers, path)
+        check_providers(entry, self.providers, str(path))  # before a session: one line, not INVALID_GRAPH
+        options = self.session_options()
+        for key, value in (entry.quant.ort_session_config() if entry.quant else {}).items():
+            options.add_session_config_entry(key, value)  # e.g. the MatMulNBits compute the export chose
+        values = [self._ortvalue(v) for v in (initializers or {}).values()]
+        if values:  # external-data initializers only (every exported transformer weight is one)
+            options.add_external_initializers(list(initializers), values)
         # From the path (not bytes), so onnxruntime finds the external weights next to the model.
         try:
-            opts = self.session_options()
-            for key, value in (entry.quant.ort_session_config() if entry.quant else {}).items():
-                opts.add_session_config_entry(key, value)  # e.g. the MatMulNBits compute the export chose
-            session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+            session = self._ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidProtobuf/Fail/... on a damaged graph
             raise ManifestError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
                                 f"{' '.join(str(exc).split())[:300]})") from None
-        return OrtSession(session, path)
+        return OrtSession(session, path, keep=values or None)
+
+    def _ortvalue(self, array: np.ndarray) -> Any:
+        array = np.ascontiguousarray(array)
+        if array.dtype.name == "bfloat16":  # no numpy bfloat16 in onnxruntime's bridge: the raw 16-bit words
+            return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), _ONNX_BFLOAT16)
+        return self._ort.OrtValue.ortvalue_from_numpy(array)
 
 
 # --- registry -----------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class GenerateOptions:
     progress: bool | None = None  # None: a bar on a terminal
     report_json: Path | None = None
     allow_cfg: bool = False
+    loras: Sequence = ()  # LoRA files applied at load time: paths or (path, scale) pairs (--lora FILE[:SCALE])
 
 
 @dataclass
@@ -81,7 +82,7 @@ def generate_to_file(options: GenerateOptions) -> GenerateResult:
         check_output(Path(options.report_json), "--json")
     pipe = Pipeline.from_dir(options.folder, backend=options.backend, providers=options.providers,
                              scheduler_flavour=options.scheduler_flavour, threads=options.threads,
-                             verify=options.verify, progress=options.progress)
+                             verify=options.verify, progress=options.progress, loras=options.loras)
     result = pipe(options.prompt, negative_prompt=options.negative_prompt, width=options.width,
                   height=options.height, steps=options.steps, guidance_scale=options.guidance_scale,
                   seed=options.seed, any_size=options.any_size, allow_cfg=options.allow_cfg)

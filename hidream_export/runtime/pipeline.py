@@ -33,7 +33,9 @@ from ..errors import ManifestError, RequestError
 from ..files import read_json_object
 from ..manifest import Manifest, TokenizerComponent, TransformerComponent
 from ..variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, Variant, default_size
+from . import lora
 from .backends import Backend, Session, get_backend
+from .lora import AppliedLoras
 from .report import Timings
 from .schedulers import FLAVOURS, make_scheduler
 from .text import ENCODERS, PromptTokenizer, TextEncoders
@@ -131,7 +133,8 @@ class Pipeline:
     def __init__(self, folder: Path, manifest: Manifest, variant: Variant, transformer_info: TransformerInfo,
                  sessions: Mapping[str, Session], text_encoders: TextEncoders, backend: Backend,
                  scheduler_config: Mapping[str, Any] | None, scheduler_flavour: str = "diffusers",
-                 progress: bool | None = None, load_timings: Timings | None = None):
+                 progress: bool | None = None, load_timings: Timings | None = None,
+                 loras: AppliedLoras | None = None):
         if scheduler_flavour not in FLAVOURS:
             raise RequestError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
         self.folder = folder
@@ -146,13 +149,15 @@ class Pipeline:
         self.progress = progress
         self.load_timings = load_timings or Timings()
         self._lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
+        self.loras = loras or AppliedLoras()  # the LoRAs the transformer runs with (set_loras switches them)
+        self._lora_lock = threading.Lock()
         self.make_scheduler(1)  # an unsupported scheduler config fails now, not at the first image
 
     # --- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, folder: str | Path, backend: str | Backend = "ort", providers: Sequence[Any] | None = None,
                  scheduler_flavour: str = "diffusers", *, threads: int | None = None, verify: bool = True,
-                 progress: bool | None = None) -> "Pipeline":
+                 progress: bool | None = None, loras: Sequence[Any] = ()) -> "Pipeline":
         """Load an engine folder written by ``hidream-export build``.
 
         The manifest is read and checked first (missing, newer format, missing files, hash
@@ -161,6 +166,8 @@ class Pipeline:
         with their recorded sizes), which matters for the real model's ~60 GB of weights.
         ``providers``/``threads`` configure the "ort" backend. ``scheduler_flavour``: "diffusers"
         (default, what the HF folders configure) or "official" (the HiDream-I1 repository's).
+        ``loras``: LoRA files applied to the transformer at load time, as paths or (path, scale) pairs
+        (see ``set_loras``); the folder's files are not changed.
         """
         if scheduler_flavour not in FLAVOURS:
             raise RequestError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
@@ -175,8 +182,14 @@ class Pipeline:
         needed = [*keys.values(), *(f"tokenizer_{n}" for n in ENCODERS)]
         if "scheduler" in components:
             needed.append("scheduler")
+        if loras:
+            needed.append("transformer")  # LoRA deltas are added to the ONNX export's weights (also for TensorRT)
         with timings.measure("verify"):
             manifest.verify(folder, needed, check_hashes=verify)
+        update = None
+        if loras:
+            with timings.measure("loras"):
+                update = lora.resolve(folder, manifest, loras)
 
         transformer = manifest.component("transformer", TransformerComponent, folder)
         engine = components[keys["transformer"]] if keys["transformer"] != "transformer" else None
@@ -189,7 +202,8 @@ class Pipeline:
         sessions = {}
         for name, key in keys.items():
             with timings.measure(f"load_{name}"):
-                sessions[name] = backend.load(manifest.file_path(folder, key), components[key])
+                extra = {"initializers": update.initializers} if name == "transformer" and update else {}
+                sessions[name] = backend.load(manifest.file_path(folder, key), components[key], **extra)
         fixed = {n: components[keys[n]].fixed_batch if hasattr(components[keys[n]], "fixed_batch") else None
                  for n in ENCODERS}
         text_encoders = TextEncoders(tokenizers, {n: sessions[n] for n in ENCODERS}, fixed)
@@ -200,7 +214,25 @@ class Pipeline:
         timings.add("load", time.perf_counter() - start)
         variant = manifest.variant
         return cls(folder, manifest, variant, info, sessions, text_encoders, backend, scheduler_config,
-                   scheduler_flavour, progress, timings)
+                   scheduler_flavour, progress, timings, update.applied if update else None)
+
+    def set_loras(self, loras: Sequence[Any] = ()) -> None:
+        """Run the transformer with these LoRAs from the next call on: paths or (path, scale) pairs, applied
+        together in order (scale: peft's set_adapters weight, default 1.0); ``[]`` for none. Only the
+        transformer changes (onnxruntime: a new session; TensorRT: an in-place refit); nothing happens when
+        the set is the one already applied. The folder's files are never modified. A call already running
+        finishes with the LoRAs it started with; a refused set (one line, naming the file and keys) leaves
+        the current one in place."""
+        with self._lora_lock:
+            update = lora.resolve(self.folder, self.manifest, loras, self.loras)
+            if update is None:
+                return
+            key = self.backend.component_key(self.manifest, "transformer")
+            with self._lock:  # a backend that is not thread-safe (TensorRT) refits between calls only
+                self.sessions["transformer"] = self.backend.update_initializers(
+                    self.sessions["transformer"], self.manifest.file_path(self.folder, key),
+                    self.manifest.components[key], update.initializers, update.restore)
+                self.loras = update.applied
 
     def __repr__(self) -> str:
         r = self.transformer_info.size_range
@@ -298,7 +330,7 @@ class Pipeline:
         batch = info.feed_batch(rows)
         t5, pooled = _pad_rows(cond.t5, 0, batch), _pad_rows(cond.pooled, 0, batch)
         llama = _pad_rows(cond.llama, 1, batch)  # layer-first: the batch is axis 1
-        transformer = self.sessions["transformer"]
+        transformer, loras = self.sessions["transformer"], self.loras.records
         g = np.float32(req["guidance_scale"])
 
         bar = self._progress_bar(scheduler.num_steps, progress)
@@ -348,7 +380,7 @@ class Pipeline:
             latents=x if return_latents else None,
             info={"variant": self.variant.name, "scheduler": f"{type(scheduler).__name__} ({self.scheduler_flavour})",
                   "backend": self.backend.describe(), "cfg": cfg, "any_size": bool(any_size),
-                  "notes": req["notes"]})
+                  "notes": req["notes"], "loras": [r.to_dict() for r in loras]})
 
     def _check_request(self, prompt, negative_prompt, width, height, steps, guidance_scale, seed, any_size,
                        callback, latents, noise, allow_cfg=False) -> dict[str, Any]:

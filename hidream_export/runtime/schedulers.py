@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..variants import Variant, get_variant
+from .device import DeviceArray
 
 __all__ = [
     "FLAVOURS",
@@ -101,7 +102,9 @@ def _check_flavour(flavour: Any) -> str:
 
 
 def _as_float_array(name: str, value: Any) -> np.ndarray:
-    arr = np.asarray(value)
+    # A DeviceArray (I/O-bound sampling) is used as it is: the steps below are written with operators
+    # it implements on the device, so the same code steps host and device arrays.
+    arr = value if isinstance(value, DeviceArray) else np.asarray(value)
     # kind 'f' covers float16/32/64; ml_dtypes' bfloat16 (if a caller uses it) reports kind 'V'.
     if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
         raise ValueError(f"{name} must be a floating-point array, got dtype {arr.dtype}")

@@ -76,6 +76,13 @@ def _numpy_dtype(trt, dtype):
     return np.dtype(trt.nptype(dtype))
 
 
+def _trt_weight_type(trt, dtype: np.dtype):
+    names = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+    if dtype.name not in names:
+        raise EngineMismatch(f"cannot refit a {dtype} weight")
+    return getattr(trt, names[dtype.name])
+
+
 class _BufferSet:
     """Device and host buffers for one set of input shapes, plus a CUDA graph once captured."""
 
@@ -231,6 +238,33 @@ class TrtSession:
         self.timings.append({"h2d_ms": elapsed(e0, e1), "compute_ms": elapsed(e1, e2), "d2h_ms": elapsed(e2, e3)})
         return {name: host.copy() for name, host in bufs.host_out.items()}
 
+    def refit(self, values: Mapping[str, np.ndarray], logger) -> None:
+        """Set these initializers' values (ONNX initializer name -> array of the engine's weight dtype)
+        through the build's refit name map and refit the engine in place (LoRAs at load time). Captured
+        CUDA graphs are dropped: they are captured again on the next run."""
+        from hidream_export.runtime.lora import engine_refit_weights
+
+        trt = self._trt
+        weights = engine_refit_weights(self.entry, values, str(self.path))
+        refitter = trt.Refitter(self.engine, logger)
+        for name, array in weights.items():
+            if not refitter.set_named_weights(name, trt.Weights(_trt_weight_type(trt, array.dtype), array.ctypes.data,
+                                                                array.size)):
+                raise EngineMismatch(f"{self.path}: TensorRT rejected refit weight {name!r} {array.dtype}"
+                                     f"{list(array.shape)}")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise EngineMismatch(f"{self.path}: the refit also needs weights {missing[:3]} ({len(missing)} in all)")
+        if not refitter.refit_cuda_engine():
+            raise EngineMismatch(f"{self.path}: refit_cuda_engine() failed (see the TensorRT log)")
+        del weights  # TensorRT copies the weights during refit_cuda_engine(); the arrays may go now
+        for bufs in self._buffers.values():
+            if bufs.graph_exec is not None:
+                self._cudart.cudaGraphExecDestroy(bufs.graph_exec)
+                self._cudart.cudaGraphDestroy(bufs.graph)
+                bufs.graph = bufs.graph_exec = None
+                bufs.warm = False
+
     def close(self) -> None:
         """Free device buffers, graphs, events and the stream (also done at garbage collection)."""
         cudart = self._cudart
@@ -313,12 +347,25 @@ class TrtBackend(Backend):
             raise EngineMismatch(f"{path} was built for {' and '.join(problems)}; TensorRT engines do not move between "
                                  "versions or GPUs: rebuild with `hidream-export build ... --trt` on this machine")
 
-    def load(self, path: Path, entry: Component) -> TrtSession:
+    def load(self, path: Path, entry: Component, *, initializers: Mapping[str, np.ndarray] | None = None
+             ) -> TrtSession:
         from hidream_export.moe.loader import ensure_plugins, requirements_of
+        from hidream_export.runtime.lora import engine_refit_weights
 
         self._check_entry(entry, path)
+        if initializers:  # refused before the engine is deserialized
+            engine_refit_weights(entry, initializers, str(path))
         ensure_plugins(requirements_of(entry, needed_by=str(path)), phase="runtime")
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise EngineMismatch(f"{path}: TensorRT could not deserialize the engine (see the TensorRT log above)")
-        return TrtSession(self._trt, self._cudart, engine, path, entry, cuda_graphs=self.cuda_graphs)
+        session = TrtSession(self._trt, self._cudart, engine, path, entry, cuda_graphs=self.cuda_graphs)
+        if initializers:
+            session.refit(initializers, self._logger)
+        return session
+
+    def update_initializers(self, session: TrtSession, path: Path, entry: Component,
+                            initializers: Mapping[str, np.ndarray], restore: Mapping[str, np.ndarray]) -> TrtSession:
+        """Refit in place: the new values, and the folder's own for weights only the previous set changed."""
+        session.refit({**restore, **initializers}, self._logger)
+        return session
