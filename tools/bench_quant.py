@@ -165,7 +165,7 @@ def speed(args, model: Path, work: Path) -> None:
                                                   "encoder_hidden_states_llama3", "pooled_embeds")]
     rows = []
     with torch.no_grad():
-        t_ref = median_time(lambda: ref(*targs, return_dict=False), args.repeats)
+        t_ref = median_time(lambda m=ref: m(*targs, return_dict=False), args.repeats)
     del ref
     rows.append(("PyTorch eager fp32, diffusers", t_ref))
     for name in ("fp32", "int8", "int8 acc4", "int4", "int4 acc1", "fp8"):
@@ -176,7 +176,7 @@ def speed(args, model: Path, work: Path) -> None:
         for key, value in (entry.quant.ort_session_config() if entry.quant else {}).items():
             opts.add_session_config_entry(key, value)
         sess = ort.InferenceSession(str(folder / "transformer" / "model.onnx"), opts)
-        rows.append((f"ONNX Runtime CPU, {name}", median_time(lambda: sess.run(None, feed), args.repeats)))
+        rows.append((f"ONNX Runtime CPU, {name}", median_time(lambda s=sess: s.run(None, feed), args.repeats)))
         del sess
     print(f"\n## one transformer forward, 512x512, batch 1, {args.threads} threads\n")
     print("| runner | seconds | / diffusers eager |")
