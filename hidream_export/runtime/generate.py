@@ -14,7 +14,7 @@ from typing import Sequence
 from hidream_export.errors import RequestError
 from hidream_export.files import atomic_open
 
-__all__ = ["GenerateOptions", "GenerateResult", "generate_to_file", "check_output"]
+__all__ = ["GenerateOptions", "GenerateResult", "generate_to_file", "check_output", "image_format"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def generate_to_file(options: GenerateOptions) -> GenerateResult:
                   seed=options.seed, any_size=options.any_size)
     # A fresh unpredictable temporary file beside the output, renamed over it; PIL picks the format by suffix.
     with atomic_open(output, "wb", suffix=output.suffix) as fh:
-        result.image.save(fh, format=_pil_format(output))
+        result.image.save(fh, format=image_format(output))
     if options.report_json is not None:
         report = result.report()
         report["output"] = str(output)
@@ -96,7 +96,8 @@ def generate_to_file(options: GenerateOptions) -> GenerateResult:
     return GenerateResult(result, output, options.report_json, pipe.load_timings)
 
 
-def _pil_format(path: Path) -> str:
+def image_format(path: Path) -> str:
+    """PIL's format name for an image file's suffix (check_output has refused unknown ones)."""
     from PIL import Image
 
     Image.init()
