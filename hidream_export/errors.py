@@ -65,6 +65,11 @@ class MissingPluginError(HiDreamExportError, RuntimeError):
     """A plugin a graph or engine needs is not registered with TensorRT (and could not be)."""
 
 
+class ServeError(HiDreamExportError, RuntimeError):
+    """A server that would not start or stopped by itself, or a server that answered a client with an
+    error; the message names the server, model or request field."""
+
+
 class FolderLocked(HiDreamExportError, RuntimeError):
     """Another hidream-export run is writing the same output folder."""
 
