@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -350,6 +351,25 @@ def test_sigterm_finishes_the_request_in_flight(built, tmp_path):
         assert not isinstance(result, Exception), result
         assert result.png == generate_png(built.folder("dev"), tmp_path, "a long one", 9, 40)
         assert "stopped" in server.log_tail()
+
+
+@pytest.mark.slow
+def test_a_folder_that_fails_verification_is_never_ready(built, tmp_path):
+    """The model verifies its folder before Triton calls it ready: a modified file stops the start,
+    and the one-line error names the file."""
+    import shutil
+
+    folder = tmp_path / "dev"
+    shutil.copytree(built.folder("dev"), folder)
+    with open(folder / "tokenizers" / "clip_l" / "tokenizer.json", "a") as fh:
+        fh.write(" ")
+    http, grpc, metrics = free_ports(3)
+    done = subprocess.run([sys.executable, "-m", "hidream_export.cli", "serve", str(folder), "--host", "127.0.0.1",
+                           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stderr
+    assert "could not load model 'dev'" in done.stderr and "tokenizer.json" in done.stderr
+    assert "the manifest records" in done.stderr and "ready;" not in done.stdout
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -187,14 +188,16 @@ def serve(options: ServeOptions, on_ready: Callable[[ServerInfo], None] | None =
         server = prepare_server(dist, workspace)
         process = subprocess.Popen(_server_args(server, workspace / "models", options),
                                    env=stub_environment(os.environ, libs_dir(dist)), start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=_die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log = _LogRelay(process)
         host = _local(options.host)
         info = ServerInfo(models, f"http://{host}:{options.http_port}", f"grpc://{host}:{options.grpc_port}",
                           f"http://{host}:{options.metrics_port}/metrics", process.pid)
         try:
-            _run(process, info, stop, on_ready)
+            _run(process, info, stop, on_ready, log)
         finally:
             _shut_down(process, options.exit_timeout_s + _UNLOAD_GRACE_S)
+            log.thread.join(timeout=10)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -202,12 +205,38 @@ def serve(options: ServeOptions, on_ready: Callable[[ServerInfo], None] | None =
             shutil.rmtree(workspace, ignore_errors=True)
 
 
+class _LogRelay:
+    """Copies tritonserver's output (its log and the stubs') to this process's stdout, and keeps the
+    first model-load failure, so the one-line error can say why the server would not start."""
+
+    _FAILED = re.compile(r'"failed to load (.*?)(?:\\n|"$)')
+
+    def __init__(self, process: subprocess.Popen):
+        self.failure: str | None = None
+        self.thread = threading.Thread(target=self._relay, args=(process.stdout,), name="tritonserver-log",
+                                       daemon=True)
+        self.thread.start()
+
+    def _relay(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            match = self._FAILED.search(line.rstrip())
+            if match and self.failure is None:
+                self.failure = match.group(1)
+        stream.close()
+
+
 def _run(process: subprocess.Popen, info: ServerInfo, stop: threading.Event,
-         on_ready: Callable[[ServerInfo], None] | None) -> None:
+         on_ready: Callable[[ServerInfo], None] | None, log: _LogRelay) -> None:
     ready = False
     while not stop.is_set():
         code = process.poll()
         if code is not None:
+            log.thread.join(timeout=10)
+            if log.failure is not None:
+                raise ServeError(f"tritonserver could not load model {log.failure}")
             state = "serving" if ready else "starting"
             raise ServeError(f"tritonserver exited with code {code} while {state}; its log above says why")
         if not ready and _is_ready(info.http):
