@@ -109,14 +109,22 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _request(args):
+    """The image the request flags ask for (generate and client)."""
+    from hidream_export.runtime.pipeline import GenerationRequest
+
+    return GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                             height=args.height, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                             any_size=args.any_size)
+
+
 def _generate_options(args):
     from hidream_export.runtime.generate import GenerateOptions
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     return GenerateOptions(
-        folder=Path(args.dir), prompt=args.prompt, output=Path(args.output), negative_prompt=args.negative_prompt,
-        seed=args.seed, steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height,
-        any_size=args.any_size, scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=providers,
+        folder=Path(args.dir), request=_request(args), output=Path(args.output),
+        scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=providers,
         threads=args.threads, verify=not args.no_verify, progress=False if args.quiet else None,
         report_json=Path(args.json) if args.json else None)
 
@@ -143,6 +151,7 @@ def _cmd_demo(args) -> int:
     """The README's main job: tiny random checkpoint -> engine folder -> image, all local."""
     from hidream_export.build.pipeline import build_pipeline
     from hidream_export.runtime.generate import GenerateOptions, generate_to_file
+    from hidream_export.runtime.pipeline import GenerationRequest
     from hidream_export.testing.model_folder import write_model_folder
 
     variant = get_variant(args.variant)
@@ -153,8 +162,8 @@ def _cmd_demo(args) -> int:
     out = Path(args.out) if args.out else variant.default_out_dir
     build_pipeline(ckpt, variant, out)
     print(f"built {out}")
-    done = generate_to_file(GenerateOptions(out, args.prompt, Path(args.output), seed=args.seed, width=256,
-                                            height=256, any_size=True))
+    request = GenerationRequest(args.prompt, seed=args.seed, width=256, height=256, any_size=True)
+    done = generate_to_file(GenerateOptions(out, request, Path(args.output)))
     _print_generated(done, quiet=False)
     return 0
 
@@ -229,12 +238,9 @@ def _cmd_triton_repo(args) -> int:
 
 
 def _cmd_client(args) -> int:
-    from hidream_export.serve.client import ClientOptions, ImageRequest, client_to_file
+    from hidream_export.serve.client import ClientOptions, client_to_file
 
-    request = ImageRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                           width=args.width, height=args.height, steps=args.steps, guidance_scale=args.guidance,
-                           any_size=True if args.any_size else None)
-    result = client_to_file(ClientOptions(args.url, request, Path(args.output), model=args.model,
+    result = client_to_file(ClientOptions(args.url, _request(args), Path(args.output), model=args.model,
                                           timeout_s=args.timeout))
     print(f"wrote {result.output}: model {result.model}, seed {result.seed}, {result.seconds:.2f} s")
     return 0
@@ -261,8 +267,8 @@ def _add_trt_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force-engines", action="store_true", help="rebuild every engine whatever the plan says")
 
 
-def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", metavar="DIR", help="engine folder written by `hidream-export build`")
+def _add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """One image's arguments (generate and client)."""
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default=None,
                    help="what to steer away from (CFG only, i.e. guidance > 1; default \"\")")
@@ -274,15 +280,25 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="image height in px (multiple of 16)")
     p.add_argument("--any-size", action="store_true",
                    help="use --width/--height as given instead of HiDream's rescaling to the model's area")
+
+
+def _add_runtime_arguments(p: argparse.ArgumentParser, providers: str) -> None:
+    """How an engine folder is loaded and sampled (generate, and each served model)."""
     p.add_argument("--scheduler-flavour", choices=("diffusers", "official"), default="diffusers",
                    help="scheduler as the diffusers model folders configure it (default) or as the official "
                         "HiDream-I1 repository implements it")
     p.add_argument("--backend", default="ort", help="ort (onnxruntime, default) or trt (TensorRT engines)")
     p.add_argument("--providers", default=None,
-                   help="comma-separated onnxruntime execution providers (default: CUDA if present, else CPU)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+                   help=f"comma-separated onnxruntime execution providers (default: {providers})")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (per model instance)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the folder's files (sizes are still checked)")
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="engine folder written by `hidream-export build`")
+    _add_request_arguments(p)
+    _add_runtime_arguments(p, "CUDA if present, else CPU")
     p.add_argument("--json", metavar="REPORT.json", default=None, help="write settings and timings as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timing table; only the seed line")
     p.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg, .webp, ...)")
@@ -303,15 +319,7 @@ def _add_model_settings(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--batching", choices=("auto", "on", "off"), default="auto",
                    help="share transformer batches between requests: auto (only where batched rows are "
                         "bit-identical to unbatched ones, checked at load; default), on, off")
-    p.add_argument("--backend", default="ort", help="ort (onnxruntime, default) or trt (TensorRT engines)")
-    p.add_argument("--providers", default=None,
-                   help="comma-separated onnxruntime providers (default: CUDA on GPU instances, else CPU)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per instance")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the SHA-256 check of the folders' files at load (sizes are still checked)")
-    p.add_argument("--scheduler-flavour", choices=("diffusers", "official"), default="diffusers",
-                   help="scheduler as the diffusers model folders configure it (default) or as the official "
-                        "HiDream-I1 repository implements it")
+    _add_runtime_arguments(p, "CUDA on GPU instances, else CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,14 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("client", parents=[common], help="ask a served model for one image (tritonclient)")
     p.add_argument("url", metavar="URL", help="http://HOST:8000 or grpc://HOST:8001 (no scheme: http)")
     p.add_argument("--model", default=None, help="model name (default: the only one served)")
-    p.add_argument("--prompt", required=True, help="what to draw")
-    p.add_argument("--negative-prompt", default=None, help="what to steer away from (CFG only)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: the server picks one, printed)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the variant's recipe)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the variant's recipe)")
-    p.add_argument("--width", type=int, default=None, help="image width in px")
-    p.add_argument("--height", type=int, default=None, help="image height in px")
-    p.add_argument("--any-size", action="store_true", help="use --width/--height as given (no size rule)")
+    _add_request_arguments(p)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image (default 600)")
     p.add_argument("-o", "--output", required=True, help="image file to write (.png: the server's PNG as is)")
     p.set_defaults(func=_cmd_client)

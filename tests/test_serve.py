@@ -27,7 +27,7 @@ from hidream_export.runtime import Pipeline
 from hidream_export.runtime.pipeline import GenerationRequest
 from hidream_export.serve import batching, protocol
 from hidream_export.serve.batching import LoadedModel, batch_invariance, plan_runs, serve_batch
-from hidream_export.serve.client import ImageRequest, connect, request_image
+from hidream_export.serve.client import connect, request_image
 from hidream_export.serve.repository import ModelSettings, RepositoryOptions, write_repository
 from hidream_export.serve.server import libs_dir, prepare_server, stub_environment, tritonserver_dist
 from hidream_export.testing.serving import LocalServer, free_ports, local_server, metric_values, wait_ready
@@ -151,7 +151,9 @@ def test_parse_request_reads_every_input():
     assert (request.prompt, request.negative_prompt, request.seed) == ("ein Fuchs ü", "", 7)
     assert (request.width, request.height, request.steps, request.guidance_scale, request.any_size) == \
         (320, 192, 5, 2.5, True)
-    assert {f for f in ImageRequest.__dataclass_fields__} == {t.name for t in protocol.INPUTS}
+    assert {t.name for t in protocol.INPUTS} <= set(GenerationRequest.__dataclass_fields__)  # one name each
+    with pytest.raises(RequestError, match="return_latents, latents cannot be sent to a server"):
+        request_image(None, GenerationRequest("a", return_latents=True, latents=np.zeros(1)))
 
 
 def test_plan_runs_groups_by_size_within_the_batch_range(full):
@@ -247,7 +249,7 @@ def server(built, tmp_path_factory):
         yield s
 
 
-def infer(server: LocalServer, model: str | None, request: ImageRequest):
+def infer(server: LocalServer, model: str | None, request: GenerationRequest):
     """One request on its own connection, closed after (a stopping server waits for open connections)."""
     try:
         with connect(server.http, REQUEST_S) as client:
@@ -261,8 +263,8 @@ def test_concurrent_clients_get_generate_bytes_and_a_bad_request_fails_alone(ser
     """8 clients at once with different seeds (and one malformed request among them): each gets the PNG
     `generate` writes for its arguments; the malformed one gets an error naming its field."""
     steps = 3
-    requests = {k: ImageRequest(f"prompt {k}", seed=100 + k, width=SIZE, height=SIZE, steps=steps) for k in range(8)}
-    requests["bad"] = ImageRequest("bad", seed=1, width=SIZE, height=SIZE, steps=0)
+    requests = {k: GenerationRequest(f"prompt {k}", seed=100 + k, width=SIZE, height=SIZE, steps=steps) for k in range(8)}
+    requests["bad"] = GenerationRequest("bad", seed=1, width=SIZE, height=SIZE, steps=0)
     before = metric_values(server.metrics, "nv_inference_exec_count").get('{model="dev",version="1"}', 0.0)
     answers: dict = {}
     threads = [threading.Thread(target=lambda k=k: answers.__setitem__(k, infer(server, "dev", requests[k])))
@@ -288,7 +290,7 @@ def test_concurrent_clients_get_generate_bytes_and_a_bad_request_fails_alone(ser
 def test_server_health_metrics_and_malformed_requests(server, built, tmp_path):
     with urllib.request.urlopen(f"{server.http}/v2/health/ready", timeout=10) as r:
         assert r.status == 200
-    full = infer(server, "full", ImageRequest("a cat", seed=5, width=SIZE, height=SIZE, steps=2))
+    full = infer(server, "full", GenerationRequest("a cat", seed=5, width=SIZE, height=SIZE, steps=2))
     assert full.png == generate_png(built.folder("full"), tmp_path, "a cat", 5, 2)
     stages = metric_values(server.metrics, "hidream_stage_seconds_count")
     for stage in ("parse", "encode_t5", "transformer", "scheduler", "vae", "respond"):
@@ -334,7 +336,7 @@ def test_sigterm_finishes_the_request_in_flight(built, tmp_path):
     with local_server([built.folder("dev")], ["--threads", "2"], log=tmp_path / "serve.log") as server:
         answer: dict = {}
         thread = threading.Thread(target=lambda: answer.setdefault("r", infer(
-            server, "dev", ImageRequest("a long one", seed=9, width=SIZE, height=SIZE, steps=40))))
+            server, "dev", GenerationRequest("a long one", seed=9, width=SIZE, height=SIZE, steps=40))))
         thread.start()
         started = threading.Event()
         for _ in range(600):  # until the request is in the model (0.05 s apart, at most 30 s)
@@ -394,7 +396,7 @@ def test_generated_repository_runs_on_the_bundled_tritonserver(built, tmp_path):
                          f"http://127.0.0.1:{metrics}/metrics", log)
     try:
         wait_ready(server, 180)
-        result = infer(server, None, ImageRequest("a cat", seed=4, width=SIZE, height=SIZE, steps=2))
+        result = infer(server, None, GenerationRequest("a cat", seed=4, width=SIZE, height=SIZE, steps=2))
         assert not isinstance(result, Exception), result
         assert result.model == "hidream"
         assert result.png == generate_png(built.folder("dev"), tmp_path, "a cat", 4, 2)

@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hidream_export.runtime.report import markdown_table, write_json  # noqa: E402  (torch-free)
-from hidream_export.serve.client import ImageRequest, connect, request_image  # noqa: E402
+from hidream_export.runtime.pipeline import GenerationRequest  # noqa: E402
+from hidream_export.serve.client import connect, request_image  # noqa: E402
 from hidream_export.testing.serving import local_server, metric_values  # noqa: E402
 
 PROMPT = "a cat holding a sign that says hello, number {k}"
@@ -158,7 +159,7 @@ def run_clients(server, model: str, phase: Phase, args, seconds: float, first_se
             while time.perf_counter() < deadline:
                 seed = first_seed + 1000 * c + k
                 try:
-                    r = request_image(client, ImageRequest(PROMPT.format(k=seed), seed=seed, width=args.size,
+                    r = request_image(client, GenerationRequest(PROMPT.format(k=seed), seed=seed, width=args.size,
                                                            height=args.size, steps=args.steps), model, REQUEST_S)
                 except Exception as exc:  # noqa: BLE001 - reported in the table
                     with lock:
@@ -186,7 +187,7 @@ def run_clients(server, model: str, phase: Phase, args, seconds: float, first_se
 
 def warm_up(server, model: str, args) -> None:
     with connect(server.http, REQUEST_S) as client:
-        request_image(client, ImageRequest(PROMPT.format(k=-1), seed=0, width=args.size, height=args.size,
+        request_image(client, GenerationRequest(PROMPT.format(k=-1), seed=0, width=args.size, height=args.size,
                                            steps=args.steps), model, REQUEST_S)
 
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from hidream_export.errors import RequestError
 from hidream_export.files import atomic_open
+from hidream_export.runtime.pipeline import GenerationRequest
 
 __all__ = ["GenerateOptions", "GenerateResult", "generate_to_file", "check_output", "image_format"]
 
@@ -20,15 +21,8 @@ __all__ = ["GenerateOptions", "GenerateResult", "generate_to_file", "check_outpu
 @dataclass(frozen=True)
 class GenerateOptions:
     folder: Path
-    prompt: str
+    request: GenerationRequest
     output: Path
-    negative_prompt: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    width: int | None = None
-    height: int | None = None
-    any_size: bool = False
     scheduler_flavour: str = "diffusers"
     backend: str = "ort"
     providers: Sequence[str] | None = None
@@ -81,9 +75,7 @@ def generate_to_file(options: GenerateOptions) -> GenerateResult:
     pipe = Pipeline.from_dir(options.folder, backend=options.backend, providers=options.providers,
                              scheduler_flavour=options.scheduler_flavour, threads=options.threads,
                              verify=options.verify, progress=options.progress)
-    result = pipe(options.prompt, negative_prompt=options.negative_prompt, width=options.width,
-                  height=options.height, steps=options.steps, guidance_scale=options.guidance_scale,
-                  seed=options.seed, any_size=options.any_size)
+    result = pipe.generate_batch([options.request])[0]
     # A fresh unpredictable temporary file beside the output, renamed over it; PIL picks the format by suffix.
     with atomic_open(output, "wb", suffix=output.suffix) as fh:
         result.image.save(fh, format=image_format(output))

@@ -1,7 +1,7 @@
 """`hidream-export client`: one image from a served model, over KServe v2 HTTP or gRPC (tritonclient).
 
     with connect("http://127.0.0.1:8000") as client:    # or grpc://host:8001; no scheme means http
-        result = request_image(client, ImageRequest("a red fox", seed=0))
+        result = request_image(client, GenerationRequest("a red fox", seed=0))
     Path("fox.png").write_bytes(result.png)            # the bytes `generate -o fox.png` writes
 
 `--model` defaults to the only model the server has ready (from its repository index). A request the
@@ -21,30 +21,16 @@ from urllib.parse import urlparse
 import numpy as np
 
 from hidream_export.errors import MissingDependency, RequestError, ServeError
+from hidream_export.runtime.pipeline import GenerationRequest
 from hidream_export.serve import protocol
 
-__all__ = ["Client", "ClientOptions", "ClientResult", "ImageRequest", "client_to_file", "connect", "request_image",
-           "served_models"]
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One image's arguments, as the wire protocol names them (None: the server's default)."""
-
-    prompt: str
-    negative_prompt: str | None = None
-    seed: int | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    any_size: bool | None = None
+__all__ = ["Client", "ClientOptions", "ClientResult", "client_to_file", "connect", "request_image", "served_models"]
 
 
 @dataclass(frozen=True)
 class ClientOptions:
     url: str
-    request: ImageRequest
+    request: GenerationRequest
     output: Path
     model: str | None = None
     timeout_s: float = 600.0
@@ -127,17 +113,20 @@ def pick_model(client: Client, model: str | None) -> str:
     return names[0]
 
 
-def request_image(client: Client, request: ImageRequest, model: str | None = None,
+def request_image(client: Client, request: GenerationRequest, model: str | None = None,
                   timeout_s: float | None = None) -> ClientResult:
-    """Generate one image on the server."""
+    """Generate one image on the server (its arguments as the runtime takes them; None: the server's default)."""
+    wire = {t.name for t in protocol.INPUTS}
+    local = [f.name for f in fields(request)
+             if f.name not in wire and getattr(request, f.name) is not None and getattr(request, f.name) is not False]
+    if local:
+        raise RequestError(f"{', '.join(local)} cannot be sent to a server (it takes {sorted(wire)})")
     model = pick_model(client, model)
-    wire = {t.name: t for t in protocol.INPUTS}
     inputs = []
-    for f in fields(request):
-        value = getattr(request, f.name)
-        if value is None:
+    for tensor in protocol.INPUTS:
+        value = getattr(request, tensor.name)
+        if value is None or (tensor.name == "any_size" and not value):
             continue
-        tensor = wire[f.name]
         if tensor.datatype == "BYTES":
             array = np.array([[str(value).encode("utf-8")]], dtype=np.object_)
         else:
