@@ -213,7 +213,8 @@ def _cmd_serve(args) -> int:
         exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose)
 
     def ready(info) -> None:
-        names = ", ".join(f"{m.name} ({m.folder}, up to {m.max_batch_size} per batch)" for m in info.models)
+        names = ", ".join(f"{m.name} ({m.folder}, up to {m.max_batch_size} per batch, "
+                          f"{m.folder_bytes / 2**20:.0f} MiB per instance)" for m in info.models)
         print(f"serving {names}\n  HTTP    {info.http}  (POST /v2/models/{info.models[0].name}/infer)\n"
               f"  gRPC    {info.grpc}\n  metrics {info.metrics}\nready; SIGTERM or Ctrl-C finishes the requests in "
               f"flight and stops", flush=True)
@@ -232,7 +233,8 @@ def _cmd_triton_repo(args) -> int:
         max_queue_delay_ms=args.max_queue_delay_ms, copy=args.copy, force=args.force))
     for m in models:
         print(f"wrote {Path(args.out) / m.name}: config.pbtxt, 1/model.py ({m.folder}"
-              f"{' copied' if args.copy else ''}; up to {m.max_batch_size} requests per batch)")
+              f"{' copied' if args.copy else ''}; up to {m.max_batch_size} requests per batch; each instance "
+              f"loads {m.folder_bytes / 2**30:.2f} GiB of model files)")
     print(f"serve it: tritonserver --model-repository {Path(args.out).resolve()}")
     return 0
 

@@ -118,6 +118,7 @@ class RepositoryModel:
     name: str
     folder: Path  # the engine folder it serves
     max_batch_size: int  # requests per execution: the images one transformer batch holds with the recipe
+    folder_bytes: int  # every file the manifest lists: what each instance loads, a floor for its memory
 
 
 def model_names(folders: Sequence[Path], names: Sequence[str] = ()) -> list[tuple[str, Manifest]]:
@@ -165,7 +166,8 @@ def write_repository(options: RepositoryOptions) -> list[RepositoryModel]:
                 engine_dir = ENGINE_SUBDIR
             settings = dataclasses.replace(options.settings, engine_dir=engine_dir)
             rows = manifest.transformer.batch_range[1]
-            model = RepositoryModel(name, folder, max(1, rows // manifest.variant.cfg_batch_factor))
+            size = sum(r.bytes for c in manifest.components.values() for r in c.files.values())
+            model = RepositoryModel(name, folder, max(1, rows // manifest.variant.cfg_batch_factor), size)
             atomic_write(model_dir / "config.pbtxt", config_pbtxt(model, settings, options))
             atomic_write(model_dir / "1" / "model.py", _model_py(model, manifest))
             models.append(model)
