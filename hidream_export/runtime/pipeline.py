@@ -358,7 +358,6 @@ class Pipeline:
         if batch_timings is not None:
             batch_timings.add("validate", sum(j.timings.total("validate") for j in jobs))
         everyone = [j.timings for j in jobs] + ([batch_timings] if batch_timings is not None else [])
-        info = self.transformer_info
         w, h = jobs[0].checked["width"], jobs[0].checked["height"]
 
         prompts = [p for j in jobs for p in j.prompts]
@@ -375,21 +374,8 @@ class Pipeline:
                 step_start = time.perf_counter()
                 active = [k for k, j in enumerate(jobs) if i < j.scheduler.num_steps]
                 rows = [r for k in active for r in range(starts[k], starts[k + 1])]
-                batch = info.feed_batch(len(rows))
-                picked = cond if len(rows) == len(prompts) else cond.take(rows)
-                t5, pooled = _pad_rows(picked.t5, 0, batch), _pad_rows(picked.pooled, 0, batch)
-                llama = _pad_rows(picked.llama, 1, batch)  # layer-first: the batch is axis 1
-                x_rows = [np.repeat(jobs[k].x, len(jobs[k].prompts), axis=0) if len(jobs[k].prompts) > 1
-                          else jobs[k].x for k in active]
-                t_rows = [np.full((len(jobs[k].prompts),), jobs[k].scheduler.timesteps[i], dtype=info.timestep_dtype)
-                          for k in active]
-                feeds = {
-                    "hidden_states": _pad_rows(_concat(x_rows), 0, batch),
-                    "timesteps": _pad_rows(_concat(t_rows), 0, batch),
-                    "encoder_hidden_states_t5": t5,
-                    "encoder_hidden_states_llama3": llama,
-                    "pooled_embeds": pooled,
-                }
+                feeds = self._step_feeds([jobs[k] for k in active], cond if len(rows) == len(prompts)
+                                         else cond.take(rows), i)
                 call_start = time.perf_counter()
                 out = transformer.run(feeds)
                 _add("transformer", time.perf_counter() - call_start, [everyone[k] for k in active], batch_timings)
@@ -449,6 +435,21 @@ class Pipeline:
         if batch_timings is not None:
             batch_timings.add("total", time.perf_counter() - t_start)
         return results
+
+    def _step_feeds(self, active: list[_Job], cond: Any, i: int) -> dict[str, np.ndarray]:
+        """The transformer's inputs at step i: each active job's rows (its latents once per prompt, its
+        own timestep), then padding up to a batch the engine runs."""
+        info = self.transformer_info
+        batch = info.feed_batch(cond.batch)
+        x_rows = [np.repeat(j.x, len(j.prompts), axis=0) if len(j.prompts) > 1 else j.x for j in active]
+        t_rows = [np.full((len(j.prompts),), j.scheduler.timesteps[i], dtype=info.timestep_dtype) for j in active]
+        return {
+            "hidden_states": _pad_rows(_concat(x_rows), 0, batch),
+            "timesteps": _pad_rows(_concat(t_rows), 0, batch),
+            "encoder_hidden_states_t5": _pad_rows(cond.t5, 0, batch),
+            "encoder_hidden_states_llama3": _pad_rows(cond.llama, 1, batch),  # layer-first: the batch is axis 1
+            "pooled_embeds": _pad_rows(cond.pooled, 0, batch),
+        }
 
     def _start_job(self, k: int, request: GenerationRequest, count: int) -> _Job:
         """Check one request and draw its initial latents."""
