@@ -8,6 +8,8 @@
 In one run, on one engine folder (built from the tiny random checkpoint unless --engines is given):
 
 - baseline: the folder through plain `Pipeline` calls in this process, one after another;
+- the same folder through `Pipeline.generate_batch` in this process, as many images per call as the
+  server's batches hold: what batching gains without a server around it;
 - a server (`hidream-export serve` on 127.0.0.1, batching on), with each --clients count: that many
   client threads, each sending one request after another (own seeds, same size) until the phase's time
   is up; the requests still running then finish;
@@ -98,15 +100,22 @@ class Phase:
         return self.counters.get(num, 0.0) / d if d else float("nan")
 
 
-def run_baseline(pipe, phase: Phase, args, seconds: float, first_seed: int) -> None:
-    """Plain Pipeline calls, one after another, for `seconds`."""
+def run_in_process(pipe, phase: Phase, args, seconds: float, first_seed: int, batch: int = 1) -> None:
+    """Plain Pipeline calls in this process, one after another, for `seconds`: one image per call, or
+    `batch` images per `generate_batch` call (what the server does without the server around it)."""
     start, cpu = time.perf_counter(), time.process_time()
     k = 0
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
-        pipe(PROMPT.format(k=first_seed + k), seed=first_seed + k, width=args.size, height=args.size, steps=args.steps)
-        phase.latencies.append(time.perf_counter() - t)
-        k += 1
+        requests = [GenerationRequest(PROMPT.format(k=first_seed + k + b), seed=first_seed + k + b, width=args.size,
+                                      height=args.size, steps=args.steps) for b in range(batch)]
+        if batch == 1:
+            r = requests[0]
+            pipe(r.prompt, seed=r.seed, width=r.width, height=r.height, steps=r.steps)
+        else:
+            pipe.generate_batch(requests)
+        phase.latencies.extend([time.perf_counter() - t] * batch)
+        k += batch
     phase.seconds += time.perf_counter() - start
     phase.cpu_seconds += time.process_time() - cpu
     phase.images += k
@@ -224,6 +233,8 @@ def main() -> int:
     pipe = Pipeline.from_dir(folder, threads=args.threads, progress=False)
     pipe(PROMPT.format(k=-1), seed=0, width=args.size, height=args.size, steps=args.steps)  # warm-up
     phases = [Phase("Pipeline, sequential", 1)]
+    batch = pipe.transformer_info.batch_range[1] // pipe.variant.cfg_batch_factor
+    in_process_batch = Phase(f"Pipeline.generate_batch, {batch} per call", 1)
     with contextlib.ExitStack() as stack:
         on = stack.enter_context(local_server([folder], server_args, log=work / "serve.log"))
         servers = [(on, [Phase("server, batching on", c) for c in args.clients])]
@@ -236,11 +247,12 @@ def main() -> int:
         # Rounds alternate the phases, so a change in the machine's load (it is shared) hits all alike.
         share = args.seconds / args.rounds
         for r in range(args.rounds):
-            run_baseline(pipe, phases[0], args, share, 10**6 * r)
+            run_in_process(pipe, phases[0], args, share, 10**6 * r)
+            run_in_process(pipe, in_process_batch, args, share, 10**6 * r, batch)
             for server, server_phases in servers:
                 for phase in server_phases:
                     run_clients(server, model, phase, args, share, 10**6 * r)
-        phases += [p for _, server_phases in servers for p in server_phases]
+        phases += [in_process_batch] + [p for _, server_phases in servers for p in server_phases]
 
     base = phases[0].images / phases[0].seconds
     base_cpu = phases[0].cpu_seconds / max(1, phases[0].images)
@@ -248,7 +260,7 @@ def main() -> int:
     rows = []
     for p in phases:
         rate = p.images / p.seconds
-        vs_single = f"{rate / (single.images / single.seconds):.2f}x" if single and p is not phases[0] else ""
+        vs_single = f"{rate / (single.images / single.seconds):.2f}x" if single and p.counters else ""
         cpu = p.cpu_seconds / max(1, p.images)
         rows.append([p.label, p.clients, p.images, f"{rate:.2f}", f"{rate / base:.2f}x", vs_single, f"{cpu:.3f}",
                      f"{base_cpu / cpu:.2f}x" if cpu else "",
@@ -262,7 +274,7 @@ def main() -> int:
                           "images per CPU s vs Pipeline", "p50 s", "p95 s",
                           "images/batch", "requests/execution", "errors"], rows))
     stage_rows = []
-    for p in phases[1:]:
+    for p in phases:
         stages = p.counters.get("stages", {})
         total = sum(v for s, v in stages.items() if s not in ("total", "step"))
         for stage in ("parse", "tokenize", "encode_clip_l", "encode_clip_g", "encode_t5", "encode_llama",
