@@ -21,6 +21,7 @@ from pathlib import Path
 from hidream_export.errors import HiDreamExportError, MissingDependency, one_line
 from hidream_export.export.targets import TARGETS
 from hidream_export.model.lowerings import EXPORT_LOWERINGS, describe_export_lowerings
+from hidream_export.runtime.backends import PROVIDER_SHORTHANDS
 from hidream_export.signature import EXPORT_DTYPES
 from hidream_export.variants import VARIANTS, get_variant
 
@@ -76,10 +77,21 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _providers(args) -> list[str] | None:
+    """--providers, or the list a --provider shorthand stands for; None: the runtime's default."""
+    shorthand = getattr(args, "provider", None)
+    if shorthand and args.providers:
+        raise HiDreamExportError(f"--provider {shorthand} and --providers {args.providers} both choose providers; "
+                                 f"give one")
+    if shorthand:
+        return list(PROVIDER_SHORTHANDS[shorthand])
+    return [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+
+
 def _cmd_compare(args) -> int:
     from hidream_export.compare.parity import compare_onnx
 
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    providers = _providers(args)
     report = compare_onnx(args.checkpoint, args.model, sizes=args.sizes, batch=args.batch, seed=args.seed,
                           atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, save_dir=args.save_dir,
                           config=args.config, providers=providers)
@@ -134,12 +146,12 @@ def _request(args):
 def _generate_options(args):
     from hidream_export.runtime.generate import GenerateOptions
 
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     return GenerateOptions(
         folder=Path(args.dir), request=_request(args), output=Path(args.output),
-        scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=providers,
+        scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=_providers(args),
         threads=args.threads, verify=not args.no_verify, progress=False if args.quiet else None,
-        report_json=Path(args.json) if args.json else None, loras=args.lora)
+        report_json=Path(args.json) if args.json else None, io_binding=False if args.no_io_binding else None,
+        loras=args.lora)
 
 
 def _print_generated(done, quiet: bool) -> None:
@@ -214,9 +226,9 @@ def _cmd_lint(args) -> int:
 def _model_settings(args):
     from hidream_export.serve.repository import ModelSettings
 
-    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else ()
-    return ModelSettings(engine_dir="", backend=args.backend, providers=providers, threads=args.threads or 0,
-                         verify=not args.no_verify, batching=args.batching, scheduler_flavour=args.scheduler_flavour)
+    return ModelSettings(engine_dir="", backend=args.backend, providers=tuple(_providers(args) or ()),
+                         threads=args.threads or 0, verify=not args.no_verify, batching=args.batching,
+                         scheduler_flavour=args.scheduler_flavour, io_binding=not args.no_io_binding)
 
 
 def _gpus(text: str | None) -> tuple[int, ...]:
@@ -325,6 +337,11 @@ def _add_runtime_arguments(p: argparse.ArgumentParser, providers: str) -> None:
     p.add_argument("--backend", default="ort", help="ort (onnxruntime, default) or trt (TensorRT engines)")
     p.add_argument("--providers", default=None,
                    help=f"comma-separated onnxruntime execution providers (default: {providers})")
+    p.add_argument("--provider", choices=tuple(PROVIDER_SHORTHANDS), default=None,
+                   help="shorthand for --providers: cuda (CUDAExecutionProvider, then CPU) or cpu")
+    p.add_argument("--no-io-binding", action="store_true",
+                   help="feed the transformer host arrays each step instead of keeping latents, text embeddings "
+                        "and timesteps on the provider's device (ort backend)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (per model instance)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the folder's files (sizes are still checked)")

@@ -74,12 +74,13 @@ def test_a_batch_gives_each_request_its_unbatched_image(dev, full):
                       allow_cfg=r.allow_cfg) for r in requests]
         calls = []
         session = pipe.sessions["transformer"]
-        original = session.run
+        original, bound = session.run, session.run_bound
         session.run = lambda feeds: calls.append(len(feeds["timesteps"])) or original(feeds)
+        session.run_bound = lambda feeds, device: calls.append(feeds["timesteps"].shape[0]) or bound(feeds, device)
         try:
             together = pipe.generate_batch(requests)
         finally:
-            session.run = original
+            session.run, session.run_bound = original, bound
         assert [np.array_equal(a.array, b.array) for a, b in zip(alone, together)] == [True] * len(requests)
         assert [r.seed for r in together] == [1, 2, 3]
         assert len(calls) == max(r.steps for r in requests) and max(calls) > 2  # shared calls, several rows

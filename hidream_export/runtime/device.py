@@ -24,7 +24,7 @@ import numpy as np
 
 from hidream_export.errors import BackendUnavailable
 
-__all__ = ["Device", "DeviceArray", "op_model_bytes"]
+__all__ = ["Device", "DeviceArray", "concat_rows", "device_for", "op_model_bytes"]
 
 # The operator set the one-operator graphs use; every operator below has had its current form since 13.
 _OPSET = 17
@@ -283,6 +283,16 @@ class DeviceArray:
             return self
         return self.device.run_op("Expand", [self, np.array([n, *self.shape[1:]], np.int64)], self.dtype.name,
                                   self.ndim)
+
+
+def concat_rows(arrays: list[DeviceArray]) -> DeviceArray:
+    """``np.concatenate(arrays, axis=0)`` for arrays of one dtype on one device."""
+    if len(arrays) == 1:
+        return arrays[0]
+    first = arrays[0]
+    for other in arrays[1:]:
+        first._operand(other)  # same device, same dtype
+    return first.device.run_op("Concat", list(arrays), first.dtype.name, first.ndim, axis=0)
 
 
 def device_for(ort: Any, providers: list[Any]) -> Device:

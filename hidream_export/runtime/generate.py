@@ -30,6 +30,7 @@ class GenerateOptions:
     verify: bool = True
     progress: bool | None = None  # None: a bar on a terminal
     report_json: Path | None = None
+    io_binding: bool | None = None  # None: on for the ort backend (Pipeline.from_dir)
     loras: Sequence = ()  # LoRA files applied at load time: paths or (path, scale) pairs (--lora FILE[:SCALE])
 
 
@@ -75,7 +76,8 @@ def generate_to_file(options: GenerateOptions) -> GenerateResult:
         check_output(Path(options.report_json), "--json")
     pipe = Pipeline.from_dir(options.folder, backend=options.backend, providers=options.providers,
                              scheduler_flavour=options.scheduler_flavour, threads=options.threads,
-                             verify=options.verify, progress=options.progress, loras=options.loras)
+                             verify=options.verify, progress=options.progress, loras=options.loras,
+                             io_binding=options.io_binding)
     result = pipe.generate_batch([options.request])[0]
     # A fresh unpredictable temporary file beside the output, renamed over it; PIL picks the format by suffix.
     with atomic_open(output, "wb", suffix=output.suffix) as fh:

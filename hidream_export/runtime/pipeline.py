@@ -30,12 +30,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ManifestError, RequestError
+from ..errors import BackendUnavailable, ManifestError, RequestError
 from ..files import read_json_object
 from ..manifest import Manifest, TokenizerComponent, TransformerComponent
 from ..variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, Variant, default_size
 from . import lora
 from .backends import Backend, Session, get_backend
+from .device import Device, DeviceArray, concat_rows
 from .lora import AppliedLoras
 from .report import Timings
 from .schedulers import FLAVOURS, make_scheduler
@@ -175,7 +176,7 @@ class Pipeline:
                  sessions: Mapping[str, Session], text_encoders: TextEncoders, backend: Backend,
                  scheduler_config: Mapping[str, Any] | None, scheduler_flavour: str = "diffusers",
                  progress: bool | None = None, load_timings: Timings | None = None,
-                 loras: AppliedLoras | None = None):
+                 loras: AppliedLoras | None = None, device: Device | None = None):
         if scheduler_flavour not in FLAVOURS:
             raise RequestError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
         self.folder = folder
@@ -192,13 +193,16 @@ class Pipeline:
         self._lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
         self.loras = loras or AppliedLoras()  # the LoRAs the transformer runs with (set_loras switches them)
         self._lora_lock = threading.Lock()
+        # Where the sampling loop keeps latents, text embeddings and timesteps (I/O binding); None: host arrays.
+        self.device = device
         self.make_scheduler(1)  # an unsupported scheduler config fails now, not at the first image
 
     # --- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, folder: str | Path, backend: str | Backend = "ort", providers: Sequence[Any] | None = None,
                  scheduler_flavour: str = "diffusers", *, threads: int | None = None, verify: bool = True,
-                 progress: bool | None = None, loras: Sequence[Any] = ()) -> "Pipeline":
+                 progress: bool | None = None, loras: Sequence[Any] = (), io_binding: bool | None = None
+                 ) -> "Pipeline":
         """Load an engine folder written by ``hidream-export build``.
 
         The manifest is read and checked first (missing, newer format, missing files, hash
@@ -208,7 +212,10 @@ class Pipeline:
         ``providers``/``threads`` configure the "ort" backend. ``scheduler_flavour``: "diffusers"
         (default, what the HF folders configure) or "official" (the HiDream-I1 repository's).
         ``loras``: LoRA files applied to the transformer at load time, as paths or (path, scale) pairs
-        (see ``set_loras``); the folder's files are not changed.
+        (see ``set_loras``); the folder's files are not changed. ``io_binding``: keep the sampling loop's
+        tensors on the first provider's device (CUDA or CPU) through ONNX Runtime's I/O binding, so no step
+        copies latents, text embeddings or timesteps through the host; None (default): on for the ort
+        backend, off for the others. On the CPU provider it gives the host loop's images bit for bit.
         """
         if scheduler_flavour not in FLAVOURS:
             raise RequestError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
@@ -218,6 +225,7 @@ class Pipeline:
         manifest = Manifest.read(folder)
         components = manifest.components
         backend = get_backend(backend, providers=providers, threads=threads)
+        device = _io_device(backend, io_binding)
 
         keys = {name: backend.component_key(manifest, name) for name in MODEL_COMPONENTS}
         needed = [*keys.values(), *(f"tokenizer_{n}" for n in ENCODERS)]
@@ -255,7 +263,7 @@ class Pipeline:
         timings.add("load", time.perf_counter() - start)
         variant = manifest.variant
         return cls(folder, manifest, variant, info, sessions, text_encoders, backend, scheduler_config,
-                   scheduler_flavour, progress, timings, update.applied if update else None)
+                   scheduler_flavour, progress, timings, update.applied if update else None, device)
 
     def set_loras(self, loras: Sequence[Any] = ()) -> None:
         """Run the transformer with these LoRAs from the next call on: paths or (path, scale) pairs, applied
@@ -404,17 +412,34 @@ class Pipeline:
         starts = np.cumsum([0] + [len(j.prompts) for j in jobs])  # each job's rows in `cond`
         transformer = self.sessions["transformer"]
         loras = [r.to_dict() for r in self.loras.records]
-
-        bar = self._progress_bar(max(j.scheduler.num_steps for j in jobs), progress)
-        try:
-            for i in range(max(j.scheduler.num_steps for j in jobs)):
-                step_start = time.perf_counter()
-                active = [k for k, j in enumerate(jobs) if i < j.scheduler.num_steps]
+        device = self.device
+        if device is not None:
+            for job in jobs:
+                job.x = device.upload(job.x)
+        num_steps = max(j.scheduler.num_steps for j in jobs)
+        # The inputs that do not change between steps: text rows per set of active jobs, and each step's
+        # timesteps, made (and on the device, uploaded) once before the loop.
+        text_feeds: dict[tuple[int, ...], dict[str, Any]] = {}
+        timestep_feeds = []
+        for i in range(num_steps):
+            active = tuple(k for k, j in enumerate(jobs) if i < j.scheduler.num_steps)
+            if active not in text_feeds:
                 rows = [r for k in active for r in range(starts[k], starts[k + 1])]
-                feeds = self._step_feeds([jobs[k] for k in active], cond if len(rows) == len(prompts)
-                                         else cond.take(rows), i)
+                text_feeds[active] = self._upload(self._text_feeds(cond if len(rows) == len(prompts)
+                                                                   else cond.take(rows)))
+            batch = self.transformer_info.feed_batch(sum(len(jobs[k].prompts) for k in active))
+            timestep_feeds.append(self._upload({"timesteps": self._timestep_feed([jobs[k] for k in active], i,
+                                                                                 batch)}))
+
+        bar = self._progress_bar(num_steps, progress)
+        try:
+            for i in range(num_steps):
+                step_start = time.perf_counter()
+                active = tuple(k for k, j in enumerate(jobs) if i < j.scheduler.num_steps)
+                feeds = {"hidden_states": self._latent_feed([jobs[k] for k in active]), **timestep_feeds[i],
+                         **text_feeds[active]}
                 call_start = time.perf_counter()
-                out = transformer.run(feeds)
+                out = transformer.run(feeds) if device is None else transformer.run_bound(feeds, device)
                 _add("transformer", time.perf_counter() - call_start, [everyone[k] for k in active], batch_timings)
                 # The model predicts -velocity; the schedulers take the velocity. Rows past the jobs'
                 # own are batch padding.
@@ -436,7 +461,7 @@ class Pipeline:
                 _add("step", time.perf_counter() - step_start, [everyone[k] for k in active], batch_timings)
                 for k in active:
                     if jobs[k].request.callback is not None:
-                        jobs[k].request.callback(i, jobs[k].scheduler.timesteps[i], _read_only(jobs[k].x))
+                        jobs[k].request.callback(i, jobs[k].scheduler.timesteps[i], _read_only(_host(jobs[k].x)))
                 bar.update(1)
         finally:
             bar.close()
@@ -447,9 +472,13 @@ class Pipeline:
         for first in range(0, len(jobs), chunk):
             part = jobs[first:first + chunk]
             vae_start = time.perf_counter()
-            decoded = vae.run({_single_input(vae, "latent"): _concat([j.x for j in part])})
+            latents = {_single_input(vae, "latent"): _concat([j.x for j in part])}
+            decoded = vae.run(latents) if device is None else vae.run_bound(latents, device)
+            images = _host(_output(decoded, "image"))  # the one copy to the host: the images themselves
             _add("vae", time.perf_counter() - vae_start, [j.timings for j in part], batch_timings)
-            arrays.extend(_output(decoded, "image")[k] for k in range(len(part)))
+            arrays.extend(images[k] for k in range(len(part)))
+        for job in jobs:
+            job.x = _host(job.x)
 
         results = []
         for job, decoded_image in zip(jobs, arrays):
@@ -473,20 +502,29 @@ class Pipeline:
             batch_timings.add("total", time.perf_counter() - t_start)
         return results
 
-    def _step_feeds(self, active: list[_Job], cond: Any, i: int) -> dict[str, np.ndarray]:
-        """The transformer's inputs at step i: each active job's rows (its latents once per prompt, its
-        own timestep), then padding up to a batch the engine runs."""
-        info = self.transformer_info
-        batch = info.feed_batch(cond.batch)
-        x_rows = [np.repeat(j.x, len(j.prompts), axis=0) if len(j.prompts) > 1 else j.x for j in active]
-        t_rows = [np.full((len(j.prompts),), j.scheduler.timesteps[i], dtype=info.timestep_dtype) for j in active]
+    def _text_feeds(self, cond: Any) -> dict[str, np.ndarray]:
+        """The transformer's text inputs for the active jobs' rows, padded up to a batch the engine runs."""
+        batch = self.transformer_info.feed_batch(cond.batch)
         return {
-            "hidden_states": _pad_rows(_concat(x_rows), 0, batch),
-            "timesteps": _pad_rows(_concat(t_rows), 0, batch),
             "encoder_hidden_states_t5": _pad_rows(cond.t5, 0, batch),
             "encoder_hidden_states_llama3": _pad_rows(cond.llama, 1, batch),  # layer-first: the batch is axis 1
             "pooled_embeds": _pad_rows(cond.pooled, 0, batch),
         }
+
+    def _timestep_feed(self, active: list[_Job], i: int, batch: int) -> np.ndarray:
+        """Step i's timestep per row: each active job's own, once per prompt, then padding."""
+        dtype = self.transformer_info.timestep_dtype
+        rows = [np.full((len(j.prompts),), j.scheduler.timesteps[i], dtype=dtype) for j in active]
+        return _pad_rows(_concat(rows), 0, batch)
+
+    def _latent_feed(self, active: list[_Job]) -> Any:
+        """The active jobs' latents, once per prompt (the CFG pair is one batch), then padding; on the
+        device when the loop runs there."""
+        batch = self.transformer_info.feed_batch(sum(len(j.prompts) for j in active))
+        return _pad_rows(_concat([_repeat_rows(j.x, len(j.prompts)) for j in active]), 0, batch)
+
+    def _upload(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        return feeds if self.device is None else {k: self.device.upload(v) for k, v in feeds.items()}
 
     def _start_job(self, k: int, request: GenerationRequest, count: int) -> _Job:
         """Check one request and draw its initial latents."""
@@ -528,6 +566,9 @@ class Pipeline:
                 step_noise = job.request.noise[i]
             elif job.rng is not None:
                 step_noise = job.rng.standard_normal(scheduler.noise_shape(job.x.shape), dtype=np.float32)
+            if step_noise is not None and self.device is not None:
+                # Drawn on the host by the request's generator, so a seed gives one image on every provider.
+                step_noise = self.device.upload(np.asarray(step_noise, dtype=np.float32))
         return scheduler.step(v, i, job.x, step_noise)
 
     def vae_batch_limit(self) -> int:
@@ -637,9 +678,41 @@ def _np_dtype(name: str) -> np.dtype:
         raise ManifestError(f"unknown dtype {name!r} in the transformer's manifest entry") from None
 
 
-def _concat(arrays: list[np.ndarray]) -> np.ndarray:
-    """Rows of several jobs along axis 0 (one job's array as it is)."""
+def _concat(arrays: list[Any]) -> Any:
+    """Rows of several jobs along axis 0 (one job's array as it is), on the host or on the device."""
+    if isinstance(arrays[0], DeviceArray):
+        return concat_rows(arrays)
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+
+def _repeat_rows(array: Any, n: int) -> Any:
+    """A one-row array's row n times (the latents once per prompt of a CFG pair)."""
+    if isinstance(array, DeviceArray):
+        return array.repeat_rows(n)
+    return np.repeat(array, n, axis=0) if n > 1 else array
+
+
+def _host(array: Any) -> np.ndarray:
+    return array.numpy() if isinstance(array, DeviceArray) else array
+
+
+def _io_device(backend: Backend, io_binding: bool | None) -> Device | None:
+    """The Device the sampling loop binds its tensors on: the ort backend's first provider's, unless
+    ``io_binding`` is False; None for backends without I/O binding (an error if it was asked for)."""
+    if io_binding is False:
+        return None
+    make = getattr(backend, "device", None)
+    if make is None:
+        if io_binding:
+            raise BackendUnavailable(f"io_binding=True: the {backend.describe()} backend has no I/O binding; it is "
+                                     f"ONNX Runtime's (backend='ort')")
+        return None
+    try:
+        return make()
+    except BackendUnavailable:
+        if io_binding:
+            raise
+        return None  # a provider I/O binding does not cover (e.g. TensorRT's EP first): the host loop
 
 
 def _add(stage: str, seconds: float, timings: Sequence[Timings], batch: Timings | None = None) -> None:
@@ -650,11 +723,13 @@ def _add(stage: str, seconds: float, timings: Sequence[Timings], batch: Timings 
         batch.add(stage, seconds)
 
 
-def _pad_rows(array: np.ndarray, axis: int, batch: int) -> np.ndarray:
+def _pad_rows(array: Any, axis: int, batch: int) -> Any:
     """Repeat the last row along ``axis`` up to ``batch`` rows (their outputs are discarded)."""
     rows = array.shape[axis]
     if rows == batch:
         return array
+    if isinstance(array, DeviceArray):  # the latents, axis 0
+        return concat_rows([array, array[rows - 1:rows].repeat_rows(batch - rows)])
     extra = np.repeat(np.take(array, [rows - 1], axis=axis), batch - rows, axis=axis)
     return np.concatenate([array, extra], axis=axis)
 
@@ -662,10 +737,12 @@ def _pad_rows(array: np.ndarray, axis: int, batch: int) -> np.ndarray:
 def _output(outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     """Output ``name`` of a session, or its only output whatever the graph calls it."""
     if name in outputs:
-        return np.asarray(outputs[name])
-    if len(outputs) == 1:
-        return np.asarray(next(iter(outputs.values())))
-    raise ManifestError(f"expected an output {name!r}, got {sorted(outputs)}")
+        value = outputs[name]
+    elif len(outputs) == 1:
+        value = next(iter(outputs.values()))
+    else:
+        raise ManifestError(f"expected an output {name!r}, got {sorted(outputs)}")
+    return value if isinstance(value, DeviceArray) else np.asarray(value)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

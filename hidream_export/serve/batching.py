@@ -61,12 +61,12 @@ class ServedBatch:
 
 def load_model(folder: str, *, backend: Any = "ort", providers: Sequence[Any] | None = None,
                threads: int | None = None, verify: bool = True, scheduler_flavour: str = "diffusers",
-               batching: str = "auto") -> LoadedModel:
+               batching: str = "auto", io_binding: bool | None = None) -> LoadedModel:
     """Load and verify an engine folder, then decide whether requests may share runs."""
     if batching not in BATCHING_MODES:
         raise RequestError(f"batching {batching!r} is not one of {list(BATCHING_MODES)}")
     pipe = Pipeline.from_dir(folder, backend=backend, providers=providers, threads=threads, verify=verify,
-                             scheduler_flavour=scheduler_flavour, progress=False)
+                             scheduler_flavour=scheduler_flavour, progress=False, io_binding=io_binding)
     if batching != "auto":
         return LoadedModel(pipe, batching == "on", f"batching {batching} (as configured)")
     differ = batch_invariance(pipe)

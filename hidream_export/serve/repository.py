@@ -48,6 +48,7 @@ class ModelSettings:
     verify: bool = True  # SHA-256 of every file at load
     batching: str = "auto"  # BATCHING_MODES
     scheduler_flavour: str = "diffusers"
+    io_binding: bool = True  # ort: the sampling loop's tensors stay on the instance's device
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -81,7 +82,7 @@ class ModelSettings:
                 values[name] = tuple(p for p in str(text).split(",") if p)
             elif name == "threads":
                 values[name] = _int(text, name, model_dir)
-            elif name == "verify":
+            elif name in ("verify", "io_binding"):
                 values[name] = str(text).lower() == "true"
             else:
                 values[name] = str(text)

@@ -47,7 +47,8 @@ class TritonPythonModel:
             backend = get_backend("trt", device=device if gpu else 0)
         self.model: LoadedModel = load_model(
             settings.engine_dir, backend=backend, providers=providers, threads=settings.threads or None,
-            verify=settings.verify, scheduler_flavour=settings.scheduler_flavour, batching=settings.batching)
+            verify=settings.verify, scheduler_flavour=settings.scheduler_flavour, batching=settings.batching,
+            io_binding=None if settings.io_binding else False)
         pb_utils.Logger.log_info(f"{self.name} ({args.get('model_instance_name')}): {self.model.pipe!r}; "
                                  f"{self.model.why}")
 
