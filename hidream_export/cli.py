@@ -340,8 +340,8 @@ def _add_runtime_arguments(p: argparse.ArgumentParser, providers: str) -> None:
     p.add_argument("--provider", choices=tuple(PROVIDER_SHORTHANDS), default=None,
                    help="shorthand for --providers: cuda (CUDAExecutionProvider, then CPU) or cpu")
     p.add_argument("--no-io-binding", action="store_true",
-                   help="feed the transformer host arrays each step instead of keeping latents, text embeddings "
-                        "and timesteps on the provider's device (ort backend)")
+                   help="on the CUDA provider, feed the transformer host arrays each step instead of keeping "
+                        "latents, text embeddings and timesteps on the GPU (the CPU provider always feeds host arrays)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (per model instance)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the folder's files (sizes are still checked)")

@@ -141,9 +141,9 @@ def test_io_bound_loop_gives_the_host_loops_images_bit_for_bit(built, variant, m
     from hidream_export.runtime.pipeline import GenerationRequest
 
     folder = built.folder(variant)
-    host = Pipeline.from_dir(folder, providers=["CPUExecutionProvider"], threads=1, verify=False, io_binding=False)
-    bound = Pipeline.from_dir(folder, providers=["CPUExecutionProvider"], threads=1, verify=False)
-    assert host.device is None and bound.device is not None  # on by default for the ort backend
+    host = Pipeline.from_dir(folder, providers=["CPUExecutionProvider"], threads=1, verify=False)
+    bound = Pipeline.from_dir(folder, providers=["CPUExecutionProvider"], threads=1, verify=False, io_binding=True)
+    assert host.device is None and bound.device is not None  # by default only a GPU provider binds
     kw = dict(width=128, height=128, steps=3, seed=5, any_size=True, return_latents=True)
     want = host("a red fox in the snow", **kw)
     calls = _spy(bound, monkeypatch)
