@@ -228,7 +228,8 @@ def _model_settings(args):
 
     return ModelSettings(engine_dir="", backend=args.backend, providers=tuple(_providers(args) or ()),
                          threads=args.threads or 0, verify=not args.no_verify, batching=args.batching,
-                         scheduler_flavour=args.scheduler_flavour, io_binding=not args.no_io_binding)
+                         scheduler_flavour=args.scheduler_flavour, io_binding=not args.no_io_binding,
+                         lora_dir=str(Path(args.lora_dir).resolve()) if args.lora_dir else "")
 
 
 def _gpus(text: str | None) -> tuple[int, ...]:
@@ -279,8 +280,11 @@ def _cmd_triton_repo(args) -> int:
 def _cmd_client(args) -> int:
     from hidream_export.serve.client import ClientOptions, client_to_file
 
+    from hidream_export.serve.protocol import lora_list
+
+    loras = lora_list(",".join(args.lora), "--lora") if args.lora else ()
     result = client_to_file(ClientOptions(args.url, _request(args), Path(args.output), model=args.model,
-                                          timeout_s=args.timeout))
+                                          timeout_s=args.timeout, loras=loras))
     print(f"wrote {result.output}: model {result.model}, seed {result.seed}, {result.seconds:.2f} s")
     return 0
 
@@ -387,6 +391,9 @@ def _add_model_settings(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--batching", choices=("auto", "on", "off"), default="auto",
                    help="share transformer batches between requests: auto (only where batched rows are "
                         "bit-identical to unbatched ones, checked at load; default), on, off")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="a folder of LoRA .safetensors files requests may name in their `lora` input (default: "
+                        "requests take no LoRAs)")
     _add_runtime_arguments(p, "CUDA on GPU instances, else CPU")
 
 
@@ -512,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_arguments(p)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image (default 600)")
     p.add_argument("-o", "--output", required=True, help="image file to write (.png: the server's PNG as is)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                   help="a LoRA file in the server's --lora-dir (a name, no path) and its scale (default 1.0); "
+                        "repeat to stack LoRAs")
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("lint", parents=[common],

@@ -153,7 +153,8 @@ def test_parse_request_reads_every_input():
     assert (request.prompt, request.negative_prompt, request.seed) == ("ein Fuchs ü", "", 7)
     assert (request.width, request.height, request.steps, request.guidance_scale, request.any_size,
             request.allow_cfg) == (320, 192, 5, 2.5, True, True)
-    assert {t.name for t in protocol.INPUTS} <= set(GenerationRequest.__dataclass_fields__)  # one name each
+    # One name each; the server's own inputs (LoRAs, switched between runs) are not the pipeline's request.
+    assert {t.name for t in protocol.INPUTS} - set(protocol.SERVER_INPUTS) <= set(GenerationRequest.__dataclass_fields__)
     with pytest.raises(RequestError, match="return_latents, latents cannot be sent to a server"):
         request_image(None, GenerationRequest("a", return_latents=True, latents=np.zeros(1)))
 
@@ -184,6 +185,43 @@ def test_one_bad_request_fails_alone_in_an_execution(dev):
     assert ok.outputs["png"][0, 0] == protocol.png_bytes(alone.image) and ok.outputs["seed"][0, 0] == 1
     assert ok2.outputs["image"].shape == (1, SIZE, SIZE, 3) and ok2.outputs["image"].dtype == np.uint8
     assert served.timings.count("transformer") == 2 and served.timings.count("parse") == 1
+
+
+def test_requests_name_loras_from_the_servers_folder(built, tmp_path):
+    """Requests with and without LoRAs in one execution: each LoRA set runs apart (switched once), every
+    image equals a Pipeline loaded with that LoRA (the oracle for LoRA maths is tests/test_lora.py's
+    diffusers + peft), and a path, an unknown file or a server without --lora-dir fails that request alone."""
+    from hidream_export.serve.batching import load_model
+    from hidream_export.testing.loras import STYLE_MODULES, random_factors, write_lora
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    write_lora(loras / "style.safetensors", random_factors("tiny", STYLE_MODULES, rank=4, seed=1))
+    model = load_model(str(built.folder("dev")), threads=2, batching="on", lora_dir=loras)
+    args = dict(width=SIZE, height=SIZE, steps=2)
+    served = serve_batch(model, [fields(prompt="a", seed=1, **args),
+                                 fields(prompt="b", seed=2, lora="style.safetensors:0.8", **args),
+                                 fields(prompt="c", seed=3, **args),
+                                 fields(prompt="d", seed=4, lora="style.safetensors:0.8", **args),
+                                 fields(prompt="e", seed=5, lora="../style.safetensors", **args),
+                                 fields(prompt="f", seed=6, lora="absent.safetensors", **args)])
+    plain_a, styled_b, plain_c, styled_d, path, absent = served.outcomes
+    assert path.client_error and "no path" in path.error
+    assert absent.client_error and absent.error.startswith("lora: ") and "absent.safetensors" in absent.error
+    assert served.runs == [2, 2, 1]  # plain, style, then the absent file's (refused before generating)
+    assert model.pipe.loras.records and model.pipe.loras.records[0].scale == 0.8
+    styled = Pipeline.from_dir(built.folder("dev"), threads=2, progress=False,
+                               loras=[(loras / "style.safetensors", 0.8)])
+    plain = Pipeline.from_dir(built.folder("dev"), threads=2, progress=False)
+    for outcome, pipe, prompt, seed in ((plain_a, plain, "a", 1), (styled_b, styled, "b", 2),
+                                        (plain_c, plain, "c", 3), (styled_d, styled, "d", 4)):
+        want = pipe(prompt, seed=seed, **args)
+        assert np.array_equal(outcome.outputs["image"][0], np.asarray(want.image)), prompt
+    assert not np.array_equal(styled_b.outputs["image"], plain("b", seed=2, **args).image)  # the LoRA acts
+    no_dir = LoadedModel(model.pipe, batching=True, why="test")
+    (refused,) = serve_batch(no_dir, [fields(prompt="a", seed=1, lora="style.safetensors", **args)]).outcomes
+    assert refused.client_error and "--lora-dir" in refused.error
+    assert protocol.lora_list("a.safetensors, b.safetensors:0.5") == (("a.safetensors", 1.0), ("b.safetensors", 0.5))
 
 
 # --- the model repository ----------------------------------------------------------------------------------
@@ -245,10 +283,14 @@ def test_copied_repository_holds_exactly_the_manifest_files(built, tmp_path):
 @pytest.fixture(scope="module")
 def server(built, tmp_path_factory):
     """Dev and Full on one server, one instance each, batching on (checked at load)."""
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with local_server([built.folder("dev"), built.folder("full")], ["--threads", "2", "--max-queue-delay-ms", "50", "--exit-timeout", "30"],
-                      log=log) as s:
-        yield s
+    from hidream_export.testing.loras import STYLE_MODULES, random_factors, write_lora
+
+    root = tmp_path_factory.mktemp("serve")
+    (root / "loras").mkdir()
+    write_lora(root / "loras" / "style.safetensors", random_factors("tiny", STYLE_MODULES, rank=4, seed=1))
+    with local_server([built.folder("dev"), built.folder("full")], ["--threads", "2", "--max-queue-delay-ms", "50",
+                      "--exit-timeout", "30", "--lora-dir", str(root / "loras")], log=root / "serve.log") as s:
+        yield s  # its LoRA folder: beside its log
 
 
 def infer(server: LocalServer, model: str | None, request: GenerationRequest):
@@ -326,6 +368,13 @@ def test_client_command(server, built, tmp_path, capsys):
                      "--width", str(SIZE), "--height", str(SIZE), "-o", str(out)]) == 0
     assert out.read_bytes() == generate_png(built.folder("dev"), tmp_path, "a cat", 3, 2)
     assert "model dev, seed 3" in capsys.readouterr().out
+    styled = tmp_path / "styled.png"  # a LoRA from the server's folder: generate's bytes with that file
+    assert cli_main(["client", server.http, "--model", "dev", "--prompt", "a cat", "--seed", "3", "--steps", "2",
+                     "--width", str(SIZE), "--height", str(SIZE), "--lora", "style.safetensors:0.8", "-o",
+                     str(styled)]) == 0
+    assert styled.read_bytes() == generate_png(built.folder("dev"), tmp_path, "a cat", 3, 2,
+                                               lora=f"{server.log.parent / 'loras' / 'style.safetensors'}:0.8")
+    assert styled.read_bytes() != out.read_bytes()
     assert cli_main(["client", server.grpc, "--prompt", "a cat", "-o", str(tmp_path / "y.png")]) == 2
     assert "serves ['dev', 'full']; name one with --model" in capsys.readouterr().err
     assert cli_main(["client", server.grpc, "--model", "dev", "--prompt", "a", "--width", "4000", "--height", "256",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +42,7 @@ class LoadedModel:
     pipe: Pipeline
     batching: bool
     why: str  # one line for the log: how the batching decision was made
+    lora_dir: Path | None = None  # the folder requests' `lora` names are files of; None: requests take none
 
 
 @dataclass
@@ -61,20 +63,25 @@ class ServedBatch:
 
 def load_model(folder: str, *, backend: Any = "ort", providers: Sequence[Any] | None = None,
                threads: int | None = None, verify: bool = True, scheduler_flavour: str = "diffusers",
-               batching: str = "auto", io_binding: bool | None = None) -> LoadedModel:
-    """Load and verify an engine folder, then decide whether requests may share runs."""
+               batching: str = "auto", io_binding: bool | None = None, lora_dir: str | Path | None = None
+               ) -> LoadedModel:
+    """Load and verify an engine folder, then decide whether requests may share runs. ``lora_dir``: the
+    folder of LoRA files requests may name (their `lora` input)."""
     if batching not in BATCHING_MODES:
         raise RequestError(f"batching {batching!r} is not one of {list(BATCHING_MODES)}")
+    if lora_dir is not None and not Path(lora_dir).is_dir():
+        raise RequestError(f"--lora-dir {lora_dir}: not a folder")
     pipe = Pipeline.from_dir(folder, backend=backend, providers=providers, threads=threads, verify=verify,
                              scheduler_flavour=scheduler_flavour, progress=False, io_binding=io_binding)
+    lora_dir = None if lora_dir is None else Path(lora_dir)
     if batching != "auto":
-        return LoadedModel(pipe, batching == "on", f"batching {batching} (as configured)")
+        return LoadedModel(pipe, batching == "on", f"batching {batching} (as configured)", lora_dir)
     differ = batch_invariance(pipe)
     if differ:
         return LoadedModel(pipe, False, f"batching off: batched rows of {', '.join(differ)} differ from unbatched ones "
-                                        f"on {pipe.backend.describe()}, so a batch would change the images")
+                                        f"on {pipe.backend.describe()}, so a batch would change the images", lora_dir)
     return LoadedModel(pipe, True, f"batching on: batched and unbatched rows are bit-identical on "
-                                   f"{pipe.backend.describe()}")
+                                   f"{pipe.backend.describe()}", lora_dir)
 
 
 def batch_invariance(pipe: Pipeline, seed: int = 0) -> list[str]:
@@ -126,15 +133,18 @@ def batch_invariance(pipe: Pipeline, seed: int = 0) -> list[str]:
     return differ
 
 
-def plan_runs(pipe: Pipeline, requests: Sequence[GenerationRequest], batching: bool) -> list[list[int]]:
-    """Indices of resolved requests per run: one size per run, in arrival order, transformer rows within
-    the exported batch range (one request per run without batching)."""
+def plan_runs(pipe: Pipeline, requests: Sequence[GenerationRequest], batching: bool,
+              loras: Sequence[tuple] | None = None) -> list[list[int]]:
+    """Indices of resolved requests per run: one size and one set of LoRAs (``loras[k]``, request k's) per
+    run, in arrival order, transformer rows within the exported batch range (one request per run without
+    batching). Runs with the same LoRAs come one after the other, so each set is switched to once."""
     info = pipe.transformer_info
+    loras = loras if loras is not None else [()] * len(requests)
     runs: list[list[int]] = []
-    open_runs: dict[tuple[int, int], tuple[list[int], int]] = {}  # size -> (run being filled, its rows)
+    open_runs: dict[tuple, tuple[list[int], int]] = {}  # (size, LoRAs) -> (run being filled, its rows)
     for k, request in enumerate(requests):
         rows = pipe.batch_rows(request)
-        size = (request.width, request.height)
+        size = (request.width, request.height, loras[k])
         current = open_runs.get(size)
         if batching and current is not None and info.feed_batch(current[1] + rows) <= info.batch_range[1]:
             current[0].append(k)
@@ -143,7 +153,10 @@ def plan_runs(pipe: Pipeline, requests: Sequence[GenerationRequest], batching: b
         run = [k]
         runs.append(run)
         open_runs[size] = (run, rows)
-    return runs
+    first_seen = {}
+    for run in runs:
+        first_seen.setdefault(loras[run[0]], len(first_seen))
+    return sorted(runs, key=lambda run: first_seen[loras[run[0]]])  # stable: arrival order within a set
 
 
 def serve_batch(model: LoadedModel, arrays: Sequence[Mapping[str, np.ndarray | None]],
@@ -154,18 +167,32 @@ def serve_batch(model: LoadedModel, arrays: Sequence[Mapping[str, np.ndarray | N
     timings = Timings()
     outcomes = [Outcome() for _ in arrays]
     resolved: list[GenerationRequest] = []
+    loras: list[tuple] = []
     index: list[int] = []
     with timings.measure("parse"):
         for k, fields in enumerate(arrays):
             try:
-                request = protocol.parse_request({n: a for n, a in fields.items() if a is not None})
+                present = {n: a for n, a in fields.items() if a is not None}
+                request = protocol.parse_request(present)
+                request_loras = protocol.parse_loras(present)
+                if request_loras and model.lora_dir is None:
+                    raise RequestError("lora: this server takes no LoRAs (start it with --lora-dir DIR)")
                 resolved.append(pipe.resolve_request(request))
+                loras.append(request_loras)
                 index.append(k)
             except RequestError as exc:
                 outcomes[k] = Outcome(error=str(exc), client_error=True)
-    runs = plan_runs(pipe, resolved, model.batching)
+    runs = plan_runs(pipe, resolved, model.batching, loras)
     served = ServedBatch(outcomes, timings, [len(r) for r in runs])
     for run in runs:
+        if model.lora_dir is not None:
+            try:
+                with timings.measure("loras"):
+                    pipe.set_loras([(model.lora_dir / name, scale) for name, scale in loras[run[0]]])
+            except HiDreamExportError as exc:  # a file missing, unreadable or not for this model: the request's
+                for i in run:
+                    outcomes[index[i]] = Outcome(error=f"lora: {exc}", client_error=True)
+                continue
         try:
             results = pipe.generate_batch([resolved[i] for i in run], timings=timings)
         except HiDreamExportError as exc:  # checked above, so this is the folder or the backend failing

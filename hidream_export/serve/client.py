@@ -15,7 +15,7 @@ import io
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -34,6 +34,7 @@ class ClientOptions:
     output: Path
     model: str | None = None
     timeout_s: float = 600.0
+    loras: tuple[tuple[str, float], ...] = ()  # file names in the server's --lora-dir, with scales
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,9 @@ def pick_model(client: Client, model: str | None) -> str:
 
 
 def request_image(client: Client, request: GenerationRequest, model: str | None = None,
-                  timeout_s: float | None = None) -> ClientResult:
-    """Generate one image on the server (its arguments as the runtime takes them; None: the server's default)."""
+                  timeout_s: float | None = None, loras: Sequence[tuple[str, float]] = ()) -> ClientResult:
+    """Generate one image on the server (its arguments as the runtime takes them; None: the server's default).
+    ``loras``: (file name in the server's --lora-dir, scale) pairs applied together for this image."""
     wire = {t.name for t in protocol.INPUTS}
     local = [f.name for f in fields(request)
              if f.name not in wire and getattr(request, f.name) is not None and getattr(request, f.name) is not False]
@@ -124,7 +126,7 @@ def request_image(client: Client, request: GenerationRequest, model: str | None 
     model = pick_model(client, model)
     inputs = []
     for tensor in protocol.INPUTS:
-        value = getattr(request, tensor.name)
+        value = protocol.format_loras(loras) if tensor.name == "lora" and loras else getattr(request, tensor.name, None)
         if value is None or (tensor.datatype == "BOOL" and not value):  # absent flags are false
             continue
         if tensor.datatype == "BYTES":
@@ -166,7 +168,7 @@ def client_to_file(options: ClientOptions) -> ClientResult:
     output = Path(options.output)
     check_output(output, "-o")
     with connect(options.url, options.timeout_s) as client:
-        result = request_image(client, options.request, options.model, options.timeout_s)
+        result = request_image(client, options.request, options.model, options.timeout_s, options.loras)
     fmt = image_format(output)
     with atomic_open(output, "wb", suffix=output.suffix) as fh:
         if fmt == "PNG":

@@ -11,6 +11,8 @@ one value); Triton's dynamic batcher gathers requests and the model batches them
     guidance_scale   FP32   optional   the variant's recipe when absent
     any_size         BOOL   optional   use width x height as given
     allow_cfg        BOOL   optional   allow guidance_scale > 1 on a guidance-distilled variant (Dev, Fast)
+    lora             BYTES  optional   "NAME[:SCALE][,NAME[:SCALE]...]": LoRA files in the server's --lora-dir,
+                                       applied together (the served model's own input, not a GenerationRequest's)
 
     -> image  UINT8 [1, H, W, 3]   png  BYTES [1, 1]   seed  INT64 [1, 1]
 
@@ -23,15 +25,17 @@ repository (config.pbtxt), the client and the benchmark all read these tables. T
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from hidream_export.errors import RequestError
 from hidream_export.runtime.pipeline import GenerationRequest
 
-__all__ = ["INPUTS", "OUTPUTS", "MAX_PROMPT_BYTES", "WireTensor", "encode_result", "parse_request", "png_bytes"]
+__all__ = ["INPUTS", "OUTPUTS", "MAX_PROMPT_BYTES", "SERVER_INPUTS", "WireTensor", "encode_result", "format_loras",
+           "lora_list", "parse_loras", "parse_request", "png_bytes"]
 
 # The encoders read 128 tokens and cut the rest (with a warning, as `generate` does); this bounds the
 # tokenizer's work and the request size well above that (128 tokens are rarely over 1 KB of text).
@@ -63,7 +67,10 @@ INPUTS = (
     WireTensor("guidance_scale", "FP32", (1,), optional=True),
     WireTensor("any_size", "BOOL", (1,), optional=True),
     WireTensor("allow_cfg", "BOOL", (1,), optional=True),
+    WireTensor("lora", "BYTES", (1,), optional=True),
 )
+# Inputs the server acts on itself rather than passing to the pipeline's request.
+SERVER_INPUTS = ("lora",)
 OUTPUTS = (
     WireTensor("image", "UINT8", (-1, -1, 3)),
     WireTensor("png", "BYTES", (1,)),
@@ -98,6 +105,43 @@ def parse_request(arrays: Mapping[str, np.ndarray]) -> GenerationRequest:
         height=values.get("height"), steps=values.get("steps"), guidance_scale=values.get("guidance_scale"),
         seed=values.get("seed"), any_size=bool(values.get("any_size", False)),
         allow_cfg=bool(values.get("allow_cfg", False)))
+
+
+def parse_loras(arrays: Mapping[str, np.ndarray]) -> tuple[tuple[str, float], ...]:
+    """The request's `lora` input as ((file name, scale), ...) in order; () without one. Names are plain
+    file names in the server's LoRA folder: a path is refused, so a request never reads outside it."""
+    array = arrays.get("lora")
+    if array is None:
+        return ()
+    array = np.asarray(array)
+    if array.size != 1:
+        raise RequestError(f"lora: one value per request (shape [1, 1]), got shape {list(array.shape)}")
+    return lora_list(_text("lora", array.reshape(-1)[0]))
+
+
+def lora_list(text: str, field: str = "lora") -> tuple[tuple[str, float], ...]:
+    """ "NAME[:SCALE][,NAME[:SCALE]...]" as ((file name, scale), ...); RequestError naming ``field``."""
+    out = []
+    for item in (part.strip() for part in str(text).strip().split(",")):
+        name, sep, tail = item.rpartition(":")
+        if not sep:
+            name, tail = item, "1"
+        try:
+            scale = float(tail)
+        except ValueError:
+            raise RequestError(f"{field}: {item!r}: the scale after ':' must be a number") from None
+        if not math.isfinite(scale):
+            raise RequestError(f"{field}: {item!r}: the scale must be finite")
+        if not name or name in (".", "..") or "/" in name or "\\" in name or not name.endswith(".safetensors"):
+            raise RequestError(f"{field}: {item!r}: expected NAME.safetensors[:SCALE], NAME a file in the server's LoRA "
+                               f"folder (no path)")
+        out.append((name, scale))
+    return tuple(out)
+
+
+def format_loras(loras: Sequence[tuple[str, float]]) -> str:
+    """The `lora` input's text for ((file name, scale), ...)."""
+    return ",".join(f"{name}:{scale:g}" for name, scale in loras)
 
 
 def _text(name: str, value: Any) -> str:

@@ -34,6 +34,7 @@ __all__ = ["INSTANCE_KINDS", "ModelSettings", "RepositoryModel", "RepositoryOpti
 
 INSTANCE_KINDS = ("gpu", "cpu")
 ENGINE_SUBDIR = "engine"  # where --copy puts the engine folder, inside the model's folder
+LORA_SUBDIR = "loras"  # where --copy puts the --lora-dir files, inside the model's folder
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a Triton model name that is also a safe folder name
 
 
@@ -48,7 +49,8 @@ class ModelSettings:
     verify: bool = True  # SHA-256 of every file at load
     batching: str = "auto"  # BATCHING_MODES
     scheduler_flavour: str = "diffusers"
-    io_binding: bool = True  # ort: the sampling loop's tensors stay on the instance's device
+    io_binding: bool = True  # ort: the sampling loop's tensors stay on the instance's GPU
+    lora_dir: str = ""  # LoRA files requests may name (absolute, or relative to the model's folder); "": none
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -86,8 +88,10 @@ class ModelSettings:
                 values[name] = str(text).lower() == "true"
             else:
                 values[name] = str(text)
-        engine = Path(values["engine_dir"])
-        values["engine_dir"] = str(engine if engine.is_absolute() else Path(model_dir) / engine)
+        for name in ("engine_dir", "lora_dir"):
+            if values.get(name):
+                path = Path(values[name])
+                values[name] = str(path if path.is_absolute() else Path(model_dir) / path)
         return cls(**values)
 
 
@@ -165,7 +169,11 @@ def write_repository(options: RepositoryOptions) -> list[RepositoryModel]:
             if options.copy:
                 _copy_engine(folder, manifest, model_dir / ENGINE_SUBDIR)
                 engine_dir = ENGINE_SUBDIR
-            settings = dataclasses.replace(options.settings, engine_dir=engine_dir)
+            lora_dir = str(Path(options.settings.lora_dir).resolve()) if options.settings.lora_dir else ""
+            if options.copy and lora_dir:  # the LoRA files travel with the model, like its engine folder
+                _copy_loras(Path(lora_dir), model_dir / LORA_SUBDIR)
+                lora_dir = LORA_SUBDIR
+            settings = dataclasses.replace(options.settings, engine_dir=engine_dir, lora_dir=lora_dir)
             rows = manifest.transformer.batch_range[1]
             size = sum(r.bytes for c in manifest.components.values() for r in c.files.values())
             model = RepositoryModel(name, folder, max(1, rows // manifest.variant.cfg_batch_factor), size)
@@ -177,6 +185,15 @@ def write_repository(options: RepositoryOptions) -> list[RepositoryModel]:
         remove_tree(stage)
         raise
     return models
+
+
+def _copy_loras(folder: Path, dst: Path) -> None:
+    """The folder's .safetensors files (the only ones a request can name)."""
+    if not folder.is_dir():
+        raise RequestError(f"--lora-dir {folder}: not a folder")
+    dst.mkdir(parents=True)
+    for path in sorted(folder.glob("*.safetensors")):
+        shutil.copyfile(path, dst / path.name)
 
 
 def _copy_engine(folder: Path, manifest: Manifest, dst: Path) -> None:

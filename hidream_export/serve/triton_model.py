@@ -48,7 +48,7 @@ class TritonPythonModel:
         self.model: LoadedModel = load_model(
             settings.engine_dir, backend=backend, providers=providers, threads=settings.threads or None,
             verify=settings.verify, scheduler_flavour=settings.scheduler_flavour, batching=settings.batching,
-            io_binding=None if settings.io_binding else False)
+            io_binding=None if settings.io_binding else False, lora_dir=settings.lora_dir or None)
         pb_utils.Logger.log_info(f"{self.name} ({args.get('model_instance_name')}): {self.model.pipe!r}; "
                                  f"{self.model.why}")
 
