@@ -176,6 +176,15 @@ def _dtype_of(value: Any) -> np.dtype:
     return np.dtype(_numpy_dtype(name))
 
 
+def _operator(op_type: str, reflected: bool = False):
+    """A binary numpy operator of DeviceArray as one ONNX operator (``reflected``: ``other op self``)."""
+    def method(self: "DeviceArray", other: Any):
+        return self._binary(op_type, other, reflected)
+
+    method.__name__ = f"__{'r' if reflected else ''}{op_type.lower().replace('div', 'truediv')}__"
+    return method
+
+
 class DeviceArray:
     """An array on a Device with numpy's operators (see the module docstring). Immutable: every
     operation returns a new array, so the schedulers' history never aliases what the caller holds."""
@@ -228,29 +237,14 @@ class DeviceArray:
         inputs = [operand, self] if reflected else [self, operand]
         return self.device.run_op(op_type, inputs, self.dtype.name, self.ndim)
 
-    def __add__(self, other):
-        return self._binary("Add", other)
-
-    def __radd__(self, other):
-        return self._binary("Add", other, reflected=True)
-
-    def __sub__(self, other):
-        return self._binary("Sub", other)
-
-    def __rsub__(self, other):
-        return self._binary("Sub", other, reflected=True)
-
-    def __mul__(self, other):
-        return self._binary("Mul", other)
-
-    def __rmul__(self, other):
-        return self._binary("Mul", other, reflected=True)
-
-    def __truediv__(self, other):
-        return self._binary("Div", other)
-
-    def __rtruediv__(self, other):
-        return self._binary("Div", other, reflected=True)
+    __add__ = _operator("Add")
+    __radd__ = _operator("Add", reflected=True)
+    __sub__ = _operator("Sub")
+    __rsub__ = _operator("Sub", reflected=True)
+    __mul__ = _operator("Mul")
+    __rmul__ = _operator("Mul", reflected=True)
+    __truediv__ = _operator("Div")
+    __rtruediv__ = _operator("Div", reflected=True)
 
     def __neg__(self):
         return self.device.run_op("Neg", [self], self.dtype.name, self.ndim)
