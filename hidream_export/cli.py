@@ -21,13 +21,15 @@ from pathlib import Path
 from hidream_export.errors import HiDreamExportError, MissingDependency, one_line
 from hidream_export.export.targets import TARGETS
 from hidream_export.model.lowerings import EXPORT_LOWERINGS, describe_export_lowerings
+from hidream_export.runtime.backends import PROVIDER_SHORTHANDS
 from hidream_export.signature import EXPORT_DTYPES
 from hidream_export.variants import VARIANTS, get_variant
 
 # Which extra brings a module a command needs (for the one-line message on a runtime-only install).
 _EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "onnx_ir": "export", "transformers": "export",
            "diffusers": "export", "safetensors": "export", "polygraphy": "export", "onnx_graphsurgeon": "export",
-           "sentencepiece": "export", "triton": "kernels", "tensorrt": "gpu", "modelopt": "quant"}
+           "sentencepiece": "export", "triton": "kernels", "tensorrt": "gpu", "pytriton": "serve",
+           "tritonclient": "serve", "modelopt": "quant"}
 
 
 QUIET_LOGGERS = ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
@@ -102,10 +104,21 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _providers(args) -> list[str] | None:
+    """--providers, or the list a --provider shorthand stands for; None: the runtime's default."""
+    shorthand = getattr(args, "provider", None)
+    if shorthand and args.providers:
+        raise HiDreamExportError(f"--provider {shorthand} and --providers {args.providers} both choose providers; "
+                                 f"give one")
+    if shorthand:
+        return list(PROVIDER_SHORTHANDS[shorthand])
+    return [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+
+
 def _cmd_compare(args) -> int:
     from hidream_export.compare.parity import compare_onnx
 
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    providers = _providers(args)
     timesteps = None
     if args.timesteps:
         try:
@@ -155,16 +168,24 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _request(args):
+    """The image the request flags ask for (generate and client)."""
+    from hidream_export.runtime.pipeline import GenerationRequest
+
+    return GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                             height=args.height, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                             any_size=args.any_size, allow_cfg=args.allow_cfg)
+
+
 def _generate_options(args):
     from hidream_export.runtime.generate import GenerateOptions
 
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     return GenerateOptions(
-        folder=Path(args.dir), prompt=args.prompt, output=Path(args.output), negative_prompt=args.negative_prompt,
-        seed=args.seed, steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height,
-        any_size=args.any_size, scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=providers,
+        folder=Path(args.dir), request=_request(args), output=Path(args.output),
+        scheduler_flavour=args.scheduler_flavour, backend=args.backend, providers=_providers(args),
         threads=args.threads, verify=not args.no_verify, progress=False if args.quiet else None,
-        report_json=Path(args.json) if args.json else None, allow_cfg=args.allow_cfg, loras=args.lora)
+        report_json=Path(args.json) if args.json else None, io_binding=False if args.no_io_binding else None,
+        loras=args.lora)
 
 
 def _print_generated(done, quiet: bool) -> None:
@@ -193,6 +214,7 @@ def _cmd_demo(args) -> int:
     """The README's main job: tiny random checkpoint -> engine folder -> image, all local."""
     from hidream_export.build.pipeline import build_pipeline
     from hidream_export.runtime.generate import GenerateOptions, generate_to_file
+    from hidream_export.runtime.pipeline import GenerationRequest
     from hidream_export.testing.model_folder import write_model_folder
 
     variant = get_variant(args.variant)
@@ -203,8 +225,8 @@ def _cmd_demo(args) -> int:
     out = Path(args.out) if args.out else variant.default_out_dir
     build_pipeline(ckpt, variant, out)
     print(f"built {out}")
-    done = generate_to_file(GenerateOptions(out, args.prompt, Path(args.output), seed=args.seed, width=256,
-                                            height=256, any_size=True))
+    request = GenerationRequest(args.prompt, seed=args.seed, width=256, height=256, any_size=True)
+    done = generate_to_file(GenerateOptions(out, request, Path(args.output)))
     _print_generated(done, quiet=False)
     return 0
 
@@ -235,6 +257,72 @@ def _cmd_lint(args) -> int:
     return 0 if report.ok else 1
 
 
+def _model_settings(args):
+    from hidream_export.serve.repository import ModelSettings
+
+    return ModelSettings(engine_dir="", backend=args.backend, providers=tuple(_providers(args) or ()),
+                         threads=args.threads or 0, verify=not args.no_verify, batching=args.batching,
+                         scheduler_flavour=args.scheduler_flavour, io_binding=not args.no_io_binding,
+                         lora_dir=str(Path(args.lora_dir).resolve()) if args.lora_dir else "")
+
+
+def _gpus(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(g) for g in text.split(",") if g.strip())
+    except ValueError:
+        raise HiDreamExportError(f"--gpus {text!r} must be comma-separated GPU ids, e.g. 0,1") from None
+
+
+def _cmd_serve(args) -> int:
+    from hidream_export.serve.server import ServeOptions, serve
+
+    options = ServeOptions(
+        folders=tuple(Path(d) for d in args.dirs), names=tuple(args.name or ()), settings=_model_settings(args),
+        instances=args.instances, kind=args.kind, gpus=_gpus(args.gpus), max_queue_delay_ms=args.max_queue_delay_ms,
+        host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose)
+
+    def ready(info) -> None:
+        names = ", ".join(f"{m.name} ({m.folder}, up to {m.max_batch_size} per batch, "
+                          f"{m.folder_bytes / 2**20:.0f} MiB per instance)" for m in info.models)
+        print(f"serving {names}\n  HTTP    {info.http}  (POST /v2/models/{info.models[0].name}/infer)\n"
+              f"  gRPC    {info.grpc}\n  metrics {info.metrics}\nready; SIGTERM or Ctrl-C finishes the requests in "
+              f"flight and stops", flush=True)
+
+    serve(options, on_ready=ready)
+    print("stopped", flush=True)
+    return 0
+
+
+def _cmd_triton_repo(args) -> int:
+    from hidream_export.serve.repository import RepositoryOptions, write_repository
+
+    models = write_repository(RepositoryOptions(
+        folders=tuple(Path(d) for d in args.dirs), out=Path(args.out), names=tuple(args.name or ()),
+        settings=_model_settings(args), instances=args.instances, kind=args.kind, gpus=_gpus(args.gpus),
+        max_queue_delay_ms=args.max_queue_delay_ms, copy=args.copy, force=args.force))
+    for m in models:
+        print(f"wrote {Path(args.out) / m.name}: config.pbtxt, 1/model.py ({m.folder}"
+              f"{' copied' if args.copy else ''}; up to {m.max_batch_size} requests per batch; each instance "
+              f"loads {m.folder_bytes / 2**30:.2f} GiB of model files)")
+    print(f"serve it: tritonserver --model-repository {Path(args.out).resolve()}")
+    return 0
+
+
+def _cmd_client(args) -> int:
+    from hidream_export.serve.client import ClientOptions, client_to_file
+
+    from hidream_export.serve.protocol import lora_list
+
+    loras = lora_list(",".join(args.lora), "--lora") if args.lora else ()
+    result = client_to_file(ClientOptions(args.url, _request(args), Path(args.output), model=args.model,
+                                          timeout_s=args.timeout, loras=loras))
+    print(f"wrote {result.output}: model {result.model}, seed {result.seed}, {result.seconds:.2f} s")
+    return 0
+
+
 # ---- the parser ----------------------------------------------------------------------------------------------
 
 def _add_target_argument(p: argparse.ArgumentParser) -> None:
@@ -262,8 +350,8 @@ def _add_trt_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force-engines", action="store_true", help="rebuild every engine whatever the plan says")
 
 
-def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", metavar="DIR", help="engine folder written by `hidream-export build`")
+def _add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """One image's arguments (generate and client)."""
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default=None,
                    help="what to steer away from (CFG only, i.e. guidance > 1; default \"\")")
@@ -277,15 +365,30 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="image height in px (multiple of 16)")
     p.add_argument("--any-size", action="store_true",
                    help="use --width/--height as given instead of HiDream's rescaling to the model's area")
+
+
+def _add_runtime_arguments(p: argparse.ArgumentParser, providers: str) -> None:
+    """How an engine folder is loaded and sampled (generate, and each served model)."""
     p.add_argument("--scheduler-flavour", choices=("diffusers", "official"), default="diffusers",
                    help="scheduler as the diffusers model folders configure it (default) or as the official "
                         "HiDream-I1 repository implements it")
     p.add_argument("--backend", default="ort", help="ort (onnxruntime, default) or trt (TensorRT engines)")
     p.add_argument("--providers", default=None,
-                   help="comma-separated onnxruntime execution providers (default: CUDA if present, else CPU)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+                   help=f"comma-separated onnxruntime execution providers (default: {providers})")
+    p.add_argument("--provider", choices=tuple(PROVIDER_SHORTHANDS), default=None,
+                   help="shorthand for --providers: cuda (CUDAExecutionProvider, then CPU) or cpu")
+    p.add_argument("--no-io-binding", action="store_true",
+                   help="on the CUDA provider, feed the transformer host arrays each step instead of keeping "
+                        "latents, text embeddings and timesteps on the GPU (the CPU provider always feeds host arrays)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (per model instance)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the folder's files (sizes are still checked)")
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="engine folder written by `hidream-export build`")
+    _add_request_arguments(p)
+    _add_runtime_arguments(p, "CUDA if present, else CPU")
     p.add_argument("--json", metavar="REPORT.json", default=None, help="write settings and timings as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timing table; only the seed line")
     p.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg, .webp, ...)")
@@ -320,6 +423,27 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ort-accuracy-level", type=int, choices=ORT_ACCURACY_LEVELS, default=None,
                    help="int8/int4: MatMulNBits compute for ONNX Runtime (1 float32, 4 int8; default 1 for int8, "
                         "4 for int4)")
+
+
+def _add_model_settings(p: argparse.ArgumentParser, kind: str) -> None:
+    """How each served model runs: the arguments `serve` and `triton-repo` share."""
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="engine folders written by `hidream-export build`")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="model name, once per folder in order (default: each folder's variant)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances (per GPU with --kind gpu); each loads the folder once (default 1)")
+    p.add_argument("--kind", choices=("cpu", "gpu"), default=kind,
+                   help=f"where instances run: gpu (one group on every GPU, or --gpus) or cpu (default {kind})")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids for --kind gpu (default: all)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=10.0,
+                   help="how long Triton's dynamic batcher waits for more requests when a model is idle (default 10)")
+    p.add_argument("--batching", choices=("auto", "on", "off"), default="auto",
+                   help="share transformer batches between requests: auto (only where batched rows are "
+                        "bit-identical to unbatched ones, checked at load; default), on, off")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="a folder of LoRA .safetensors files requests may name in their `lora` input (default: "
+                        "requests take no LoRAs)")
+    _add_runtime_arguments(p, "CUDA on GPU instances, else CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,6 +566,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", default="demo.png")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("serve", parents=[common],
+                       help="serve engine folders on Triton Inference Server (KServe v2 HTTP/gRPC, metrics)")
+    _add_model_settings(p, "cpu")
+    p.add_argument("--host", default="0.0.0.0", help="address the endpoints listen on (default 0.0.0.0)")
+    p.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    p.add_argument("--exit-timeout", type=int, default=60,
+                   help="seconds requests in flight may take to finish after SIGTERM (default 60)")
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (default 0)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("triton-repo", parents=[common],
+                       help="write a Triton model repository (config.pbtxt + Python-backend model.py per folder)")
+    _add_model_settings(p, "gpu")
+    p.add_argument("--out", required=True, metavar="REPO", help="the repository folder to write")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the engine folders into the repository (default: config.pbtxt names their paths)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_triton_repo)
+
+    p = sub.add_parser("client", parents=[common], help="ask a served model for one image (tritonclient)")
+    p.add_argument("url", metavar="URL", help="http://HOST:8000 or grpc://HOST:8001 (no scheme: http)")
+    p.add_argument("--model", default=None, help="model name (default: the only one served)")
+    _add_request_arguments(p)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image (default 600)")
+    p.add_argument("-o", "--output", required=True, help="image file to write (.png: the server's PNG as is)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                   help="a LoRA file in the server's --lora-dir (a name, no path) and its scale (default 1.0); "
+                        "repeat to stack LoRAs")
+    p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("lint", parents=[common],
                        help="check an ONNX model against TensorRT's published ONNX operator support (exit 0: "

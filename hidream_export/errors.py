@@ -73,6 +73,11 @@ class OutputExists(HiDreamExportError, FileExistsError):
     """An output path holds something hidream-export did not write and will not replace."""
 
 
+class ServeError(HiDreamExportError, RuntimeError):
+    """A server that would not start or stopped by itself, or a server that answered a client with an
+    error; the message names the server, model or request field."""
+
+
 class FolderLocked(HiDreamExportError, RuntimeError):
     """Another hidream-export run is writing the same output folder."""
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-# Keep CI deterministic and within its 2 cores.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep CI deterministic and within its 2 cores: one thread per worker when pytest-xdist runs two.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 # The permission tests check what the tool writes under the usual umask.
 os.umask(0o022)
 

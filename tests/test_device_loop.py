@@ -110,3 +110,79 @@ def test_run_bound_equals_run(tiny_export, device):
     got = session.run_bound({k: device.upload(v) for k, v in feed.items()}, backend.device())
     assert isinstance(got["sample"], DeviceArray)
     assert np.array_equal(got["sample"].numpy(), want)
+
+
+# --- the Pipeline's sampling loop on the device ----------------------------------------------------------
+
+def _spy(pipe, monkeypatch):
+    """Count the transformer's host and device calls."""
+    from hidream_export.runtime.backends import OrtSession
+
+    calls = {"run": 0, "run_bound": 0}
+    session = pipe.sessions["transformer"]
+    for name in calls:
+        original = getattr(OrtSession, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            if args[0] is session:
+                calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(OrtSession, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("variant", ["full", "dev"])
+def test_io_bound_loop_gives_the_host_loops_images_bit_for_bit(built, variant, monkeypatch):
+    """Full (UniPC, the CFG pair as one batch) and Dev (flash Euler, re-noised every step): the device loop
+    on the CPU provider returns the host loop's latents and image exactly, and really runs on the device
+    (every step through I/O binding, none through run())."""
+    from hidream_export.runtime import Pipeline
+    from hidream_export.runtime.pipeline import GenerationRequest
+
+    folder = built.folder(variant)
+    host = Pipeline.from_dir(folder, providers=["CPUExecutionProvider"], threads=1, verify=False)
+    bound = Pipeline.from_dir(folder, providers=["CPUExecutionProvider"], threads=1, verify=False, io_binding=True)
+    assert host.device is None and bound.device is not None  # by default only a GPU provider binds
+    kw = dict(width=128, height=128, steps=3, seed=5, any_size=True, return_latents=True)
+    want = host("a red fox in the snow", **kw)
+    calls = _spy(bound, monkeypatch)
+    seen = []
+    got = bound("a red fox in the snow", callback=lambda i, t, x: seen.append(type(x)), **kw)
+    assert calls == {"run": 0, "run_bound": 3}
+    assert seen == [np.ndarray] * 3  # callbacks get host arrays
+    assert np.array_equal(got.latents, want.latents) and np.array_equal(got.array, want.array)
+    assert got.image.tobytes() == want.image.tobytes()
+    # Batched requests of different lengths and guidance (the active rows change mid-loop).
+    requests = [GenerationRequest("a cat", seed=1, width=128, height=128, steps=2, any_size=True),
+                GenerationRequest("a dog", seed=2, width=128, height=128, steps=3, any_size=True,
+                                  guidance_scale=0.0)]
+    for a, b in zip(host.generate_batch(requests), bound.generate_batch(requests)):
+        assert np.array_equal(a.array, b.array)
+
+
+def test_io_binding_and_provider_choices_fail_in_one_line(built, capsys, tmp_path):
+    from hidream_export.cli import main as cli_main
+    from hidream_export.errors import BackendUnavailable
+    from hidream_export.runtime import Pipeline
+
+    with pytest.raises(BackendUnavailable, match="has no I/O binding"):
+        Pipeline.from_dir(built.folder("full"), backend=_NoDeviceBackend(), verify=False, io_binding=True)
+    argv = ["generate", str(built.folder("full")), "--prompt", "a", "-o", str(tmp_path / "a.png"), "--quiet"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert cli_main([*argv, "--provider", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install onnxruntime-gpu" in err, err
+    assert cli_main([*argv, "--provider", "cpu", "--providers", "CPUExecutionProvider"]) == 2
+    assert "give one" in capsys.readouterr().err
+    assert cli_main([*argv, "--provider", "cpu", "--no-io-binding", "--steps", "1"]) == 0
+    assert (tmp_path / "a.png").is_file()
+
+
+class _NoDeviceBackend(OrtBackend):
+    """An ort backend as a backend without I/O binding looks to the Pipeline."""
+
+    device = None
+
+    def __init__(self):
+        super().__init__(providers=["CPUExecutionProvider"], threads=1)

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from hidream_export.cli import main as cli_main
 from hidream_export.compare.parity import compare_onnx, random_feed
 from hidream_export.errors import BackendUnavailable, BuildPlanError, ExportError
-from hidream_export.export.transformer import export_transformer, plan_transformer_export
+from hidream_export.export.transformer import plan_transformer_export
 from hidream_export.manifest import Manifest, TransformerComponent
 from hidream_export.model import PRESETS
 from hidream_export.model.checkpoint import load_transformer

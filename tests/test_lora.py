@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
-from safetensors.torch import save_file
 
 from hidream_export.build.refit import refit_name_map
 from hidream_export.cli import main as cli_main

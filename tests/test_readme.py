@@ -4,7 +4,8 @@ The real paths are swapped for the session's tiny model folders (/models/HiDream
 folder of that variant, /models/Meta-Llama-3.1-8B-Instruct -> its Llama), everything runs in a fresh
 working folder, and the Full engine folder and the shared store are seeded from the session's build (same files,
 so the commands reuse them as a user's second run would). Not run here: creating the venv and
-`pip install` (CI does exactly that with the same line) and the test command itself.
+`pip install` (CI does exactly that with the same line) and the test command itself, and the `sh` blocks:
+servers and containers, which tests/test_serve.py starts on loopback ports with bounded lifetimes.
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ def test_the_readme_commands_run_as_written(workdir, tiny_models):
     for command in commands:
         rc, err = _run(command, workdir, tiny_models)
         assert rc == 0 and "Traceback" not in err, f"{command}\n{err}"
+
+
+def test_the_readme_server_blocks_hold_only_serving_commands():
+    """The `sh` blocks are left to the serving tests: nothing else may hide there."""
+    blocks = _blocks("sh")
+    assert blocks
+    for block in blocks:
+        for line in block.splitlines():
+            words = line.split()
+            assert not words or words[0] in ("curl", "docker", "hidream-triton", "tritonserver") or \
+                words[:2] in (["hidream-export", "serve"], ["hidream-export", "client"],
+                              ["hidream-export", "triton-repo"]), line
 
 
 def test_the_readme_python_examples_run(workdir):

@@ -30,6 +30,7 @@ from hidream_export.manifest import FORMAT_VERSION, ManifestError, OnnxComponent
 from hidream_export.runtime import (Backend, BackendUnavailable, OrtBackend, Pipeline, PromptTruncatedWarning,
                                     get_backend)
 from hidream_export.runtime.backends import OrtSession
+from hidream_export.runtime.device import DeviceArray
 from hidream_export.variants import get_variant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -521,6 +522,10 @@ def test_cfg_runs_negative_then_positive_and_combines(full):
         def run(self, feeds):
             seen.append({k: np.array(v) for k, v in feeds.items()})
             return inner.run(feeds)
+
+        def run_bound(self, feeds, device):  # the I/O-bound loop (the default on the ort backend)
+            seen.append({k: v.numpy() if isinstance(v, DeviceArray) else np.array(v) for k, v in feeds.items()})
+            return inner.run_bound(feeds, device)
 
     full.sessions["transformer"] = Spy()
     try:

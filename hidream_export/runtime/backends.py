@@ -30,7 +30,10 @@ from hidream_export.manifest import Component, Manifest, OnnxComponent
 from hidream_export.runtime.device import Device, DeviceArray, device_for
 from hidream_export.runtime.ort_kernels import check_providers
 
-__all__ = [
+# `--provider` names: the provider lists they stand for, most preferred first.
+PROVIDER_SHORTHANDS = {"cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"), "cpu": ("CPUExecutionProvider",)}
+
+__all__ = ["PROVIDER_SHORTHANDS", 
     "Backend",
     "BackendUnavailable",
     "OrtBackend",
@@ -240,6 +243,11 @@ class OrtBackend(Backend):
             providers = list(providers)
             names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
             unknown = [n for n in names if n not in available]
+            if "CUDAExecutionProvider" in unknown:
+                raise BackendUnavailable(
+                    f"the CUDA provider is not in this onnxruntime {ort.__version__} (it has {available}): install "
+                    f"onnxruntime-gpu in its place (pip uninstall onnxruntime && pip install onnxruntime-gpu) on a "
+                    f"machine with an NVIDIA driver and CUDA 12, or run with --provider cpu")
             if unknown:
                 raise BackendUnavailable(f"onnxruntime {ort.__version__} here has no {unknown}; "
                                          f"available providers: {available}")

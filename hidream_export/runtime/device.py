@@ -24,7 +24,7 @@ import numpy as np
 
 from hidream_export.errors import BackendUnavailable
 
-__all__ = ["Device", "DeviceArray", "op_model_bytes"]
+__all__ = ["Device", "DeviceArray", "concat_rows", "device_for", "op_model_bytes"]
 
 # The operator set the one-operator graphs use; every operator below has had its current form since 13.
 _OPSET = 17
@@ -176,6 +176,15 @@ def _dtype_of(value: Any) -> np.dtype:
     return np.dtype(_numpy_dtype(name))
 
 
+def _operator(op_type: str, reflected: bool = False):
+    """A binary numpy operator of DeviceArray as one ONNX operator (``reflected``: ``other op self``)."""
+    def method(self: "DeviceArray", other: Any):
+        return self._binary(op_type, other, reflected)
+
+    method.__name__ = f"__{'r' if reflected else ''}{op_type.lower().replace('div', 'truediv')}__"
+    return method
+
+
 class DeviceArray:
     """An array on a Device with numpy's operators (see the module docstring). Immutable: every
     operation returns a new array, so the schedulers' history never aliases what the caller holds."""
@@ -228,29 +237,14 @@ class DeviceArray:
         inputs = [operand, self] if reflected else [self, operand]
         return self.device.run_op(op_type, inputs, self.dtype.name, self.ndim)
 
-    def __add__(self, other):
-        return self._binary("Add", other)
-
-    def __radd__(self, other):
-        return self._binary("Add", other, reflected=True)
-
-    def __sub__(self, other):
-        return self._binary("Sub", other)
-
-    def __rsub__(self, other):
-        return self._binary("Sub", other, reflected=True)
-
-    def __mul__(self, other):
-        return self._binary("Mul", other)
-
-    def __rmul__(self, other):
-        return self._binary("Mul", other, reflected=True)
-
-    def __truediv__(self, other):
-        return self._binary("Div", other)
-
-    def __rtruediv__(self, other):
-        return self._binary("Div", other, reflected=True)
+    __add__ = _operator("Add")
+    __radd__ = _operator("Add", reflected=True)
+    __sub__ = _operator("Sub")
+    __rsub__ = _operator("Sub", reflected=True)
+    __mul__ = _operator("Mul")
+    __rmul__ = _operator("Mul", reflected=True)
+    __truediv__ = _operator("Div")
+    __rtruediv__ = _operator("Div", reflected=True)
 
     def __neg__(self):
         return self.device.run_op("Neg", [self], self.dtype.name, self.ndim)
@@ -283,6 +277,16 @@ class DeviceArray:
             return self
         return self.device.run_op("Expand", [self, np.array([n, *self.shape[1:]], np.int64)], self.dtype.name,
                                   self.ndim)
+
+
+def concat_rows(arrays: list[DeviceArray]) -> DeviceArray:
+    """``np.concatenate(arrays, axis=0)`` for arrays of one dtype on one device."""
+    if len(arrays) == 1:
+        return arrays[0]
+    first = arrays[0]
+    for other in arrays[1:]:
+        first._operand(other)  # same device, same dtype
+    return first.device.run_op("Concat", list(arrays), first.dtype.name, first.ndim, axis=0)
 
 
 def device_for(ort: Any, providers: list[Any]) -> Device:

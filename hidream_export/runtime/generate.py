@@ -13,22 +13,16 @@ from typing import Sequence
 
 from hidream_export.errors import RequestError
 from hidream_export.files import atomic_open
+from hidream_export.runtime.pipeline import GenerationRequest
 
-__all__ = ["GenerateOptions", "GenerateResult", "generate_to_file", "check_output"]
+__all__ = ["GenerateOptions", "GenerateResult", "generate_to_file", "check_output", "image_format"]
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
     folder: Path
-    prompt: str
+    request: GenerationRequest
     output: Path
-    negative_prompt: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    width: int | None = None
-    height: int | None = None
-    any_size: bool = False
     scheduler_flavour: str = "diffusers"
     backend: str = "ort"
     providers: Sequence[str] | None = None
@@ -36,7 +30,7 @@ class GenerateOptions:
     verify: bool = True
     progress: bool | None = None  # None: a bar on a terminal
     report_json: Path | None = None
-    allow_cfg: bool = False
+    io_binding: bool | None = None  # None: on for the ort backend (Pipeline.from_dir)
     loras: Sequence = ()  # LoRA files applied at load time: paths or (path, scale) pairs (--lora FILE[:SCALE])
 
 
@@ -82,13 +76,12 @@ def generate_to_file(options: GenerateOptions) -> GenerateResult:
         check_output(Path(options.report_json), "--json")
     pipe = Pipeline.from_dir(options.folder, backend=options.backend, providers=options.providers,
                              scheduler_flavour=options.scheduler_flavour, threads=options.threads,
-                             verify=options.verify, progress=options.progress, loras=options.loras)
-    result = pipe(options.prompt, negative_prompt=options.negative_prompt, width=options.width,
-                  height=options.height, steps=options.steps, guidance_scale=options.guidance_scale,
-                  seed=options.seed, any_size=options.any_size, allow_cfg=options.allow_cfg)
+                             verify=options.verify, progress=options.progress, loras=options.loras,
+                             io_binding=options.io_binding)
+    result = pipe.generate_batch([options.request])[0]
     # A fresh unpredictable temporary file beside the output, renamed over it; PIL picks the format by suffix.
     with atomic_open(output, "wb", suffix=output.suffix) as fh:
-        result.image.save(fh, format=_pil_format(output))
+        result.image.save(fh, format=image_format(output))
     if options.report_json is not None:
         report = result.report()
         report["output"] = str(output)
@@ -98,7 +91,8 @@ def generate_to_file(options: GenerateOptions) -> GenerateResult:
     return GenerateResult(result, output, options.report_json, pipe.load_timings)
 
 
-def _pil_format(path: Path) -> str:
+def image_format(path: Path) -> str:
+    """PIL's format name for an image file's suffix (check_output has refused unknown ones)."""
     from PIL import Image
 
     Image.init()

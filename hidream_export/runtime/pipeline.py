@@ -18,6 +18,7 @@ more precision in the scheduler, the models run in their own dtype either way).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import secrets
 import sys
@@ -29,18 +30,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ManifestError, RequestError
+from ..errors import BackendUnavailable, ManifestError, RequestError
 from ..files import read_json_object
 from ..manifest import Manifest, TokenizerComponent, TransformerComponent
 from ..variants import SIZE_MULTIPLE, VAE_SCALE, SizeRange, Variant, default_size
 from . import lora
 from .backends import Backend, Session, get_backend
+from .device import Device, DeviceArray, concat_rows
 from .lora import AppliedLoras
 from .report import Timings
 from .schedulers import FLAVOURS, make_scheduler
 from .text import ENCODERS, PromptTokenizer, TextEncoders
 
-__all__ = ["GenerationResult", "Pipeline", "TransformerInfo"]
+__all__ = ["GenerationRequest", "GenerationResult", "Pipeline", "TransformerInfo"]
 
 # Model components every engine folder has (the manifest's names; tokenizers are tokenizer_<encoder>).
 MODEL_COMPONENTS = ("transformer", *ENCODERS, "vae_decoder")
@@ -91,6 +93,46 @@ class TransformerInfo:
         return -(-b // self.batch_multiple) * self.batch_multiple
 
 
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """One image to make: the arguments of ``Pipeline.__call__`` as a record, for ``generate_batch``."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    any_size: bool = False
+    return_latents: bool = False
+    callback: Callable[[int, Any, np.ndarray], Any] | None = None
+    latents: np.ndarray | None = None
+    noise: Sequence[np.ndarray | None] | None = None
+    allow_cfg: bool = False
+
+
+@dataclass
+class _Job:
+    """A checked request on its way through the sampler: its own scheduler, generator and latents."""
+
+    request: GenerationRequest
+    checked: dict[str, Any]  # what _check_request resolved
+    rng: np.random.Generator | None
+    x: np.ndarray
+    timings: Timings
+
+    @property
+    def scheduler(self):
+        return self.checked["scheduler"]
+
+    @property
+    def prompts(self) -> list[str]:
+        """Its transformer rows' prompts: [negative, positive] with CFG."""
+        cfg = self.checked["cfg"]
+        return [self.checked["negative_prompt"], self.request.prompt] if cfg else [self.request.prompt]
+
+
 @dataclass
 class GenerationResult:
     """One generated image and how it was made."""
@@ -134,7 +176,7 @@ class Pipeline:
                  sessions: Mapping[str, Session], text_encoders: TextEncoders, backend: Backend,
                  scheduler_config: Mapping[str, Any] | None, scheduler_flavour: str = "diffusers",
                  progress: bool | None = None, load_timings: Timings | None = None,
-                 loras: AppliedLoras | None = None):
+                 loras: AppliedLoras | None = None, device: Device | None = None):
         if scheduler_flavour not in FLAVOURS:
             raise RequestError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
         self.folder = folder
@@ -151,13 +193,16 @@ class Pipeline:
         self._lock = contextlib.nullcontext() if backend.thread_safe else threading.Lock()
         self.loras = loras or AppliedLoras()  # the LoRAs the transformer runs with (set_loras switches them)
         self._lora_lock = threading.Lock()
+        # Where the sampling loop keeps latents, text embeddings and timesteps (I/O binding); None: host arrays.
+        self.device = device
         self.make_scheduler(1)  # an unsupported scheduler config fails now, not at the first image
 
     # --- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, folder: str | Path, backend: str | Backend = "ort", providers: Sequence[Any] | None = None,
                  scheduler_flavour: str = "diffusers", *, threads: int | None = None, verify: bool = True,
-                 progress: bool | None = None, loras: Sequence[Any] = ()) -> "Pipeline":
+                 progress: bool | None = None, loras: Sequence[Any] = (), io_binding: bool | None = None
+                 ) -> "Pipeline":
         """Load an engine folder written by ``hidream-export build``.
 
         The manifest is read and checked first (missing, newer format, missing files, hash
@@ -167,7 +212,11 @@ class Pipeline:
         ``providers``/``threads`` configure the "ort" backend. ``scheduler_flavour``: "diffusers"
         (default, what the HF folders configure) or "official" (the HiDream-I1 repository's).
         ``loras``: LoRA files applied to the transformer at load time, as paths or (path, scale) pairs
-        (see ``set_loras``); the folder's files are not changed.
+        (see ``set_loras``); the folder's files are not changed. ``io_binding``: keep the sampling loop's
+        tensors on the first provider's device (CUDA or CPU) through ONNX Runtime's I/O binding, so no step
+        copies latents, text embeddings or timesteps through the host; None (default): on where the ort
+        backend's first provider is CUDA. On the CPU provider, where host and device memory are one, it gives
+        the host loop's images bit for bit and costs about a millisecond per step (its one-operator graphs).
         """
         if scheduler_flavour not in FLAVOURS:
             raise RequestError(f"unknown scheduler flavour {scheduler_flavour!r}; expected one of {list(FLAVOURS)}")
@@ -177,6 +226,7 @@ class Pipeline:
         manifest = Manifest.read(folder)
         components = manifest.components
         backend = get_backend(backend, providers=providers, threads=threads)
+        device = _io_device(backend, io_binding)
 
         keys = {name: backend.component_key(manifest, name) for name in MODEL_COMPONENTS}
         needed = [*keys.values(), *(f"tokenizer_{n}" for n in ENCODERS)]
@@ -214,7 +264,7 @@ class Pipeline:
         timings.add("load", time.perf_counter() - start)
         variant = manifest.variant
         return cls(folder, manifest, variant, info, sessions, text_encoders, backend, scheduler_config,
-                   scheduler_flavour, progress, timings, update.applied if update else None)
+                   scheduler_flavour, progress, timings, update.applied if update else None, device)
 
     def set_loras(self, loras: Sequence[Any] = ()) -> None:
         """Run the transformer with these LoRAs from the next call on: paths or (path, scale) pairs, applied
@@ -303,88 +353,236 @@ class Pipeline:
 
         Every argument is checked before any model runs.
         """
+        request = GenerationRequest(prompt, negative_prompt, width, height, steps, guidance_scale, seed, any_size,
+                                    return_latents, callback, latents, noise, allow_cfg)
         with self._lock:
-            return self._generate(prompt, negative_prompt, width, height, steps, guidance_scale, seed,
-                                  any_size, return_latents, callback, latents, noise, progress, allow_cfg)
+            return self._generate([request], progress)[0]
 
-    def _generate(self, prompt, negative_prompt, width, height, steps, guidance_scale, seed, any_size,
-                  return_latents, callback, latents, noise, progress, allow_cfg=False) -> GenerationResult:
-        timings = Timings()
+    def generate_batch(self, requests: Sequence[GenerationRequest], *, progress: bool | None = None,
+                       timings: Timings | None = None) -> list[GenerationResult]:
+        """Generate several images of one size in shared transformer and VAE batches.
+
+        Each request keeps its own seeded generator, scheduler and latents, so its image is the one
+        ``__call__`` makes with the same arguments whenever the backend computes each batch row
+        independently of the others (ONNX Runtime's CPU provider does, bit for bit;
+        ``hidream_export.serve.batching.batch_invariance`` checks a loaded folder). Requests may
+        differ in prompt, seed, steps and guidance (each row is fed its own timestep; a request that
+        needs fewer steps leaves the batch early). They must resolve to one size, and their
+        transformer rows (two per image with CFG) must fit the exported batch range. Results come back
+        in request order; each one's timings hold the shared stages it waited for. ``timings``, when
+        given, receives every stage of the batch once (for metrics).
+        """
+        requests = list(requests)
+        if not requests:
+            return []
+        with self._lock:
+            return self._generate(requests, progress, timings)
+
+    def resolve_request(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` checked, with its size, steps, guidance, negative prompt and seed made explicit (a
+        random seed is drawn now when it has none), or RequestError. Resolved requests of one
+        (width, height) can share a ``generate_batch``; each makes the image that the original request
+        makes with the resolved seed."""
+        checked = self._check_request(request)
+        return dataclasses.replace(
+            request, width=checked["width"], height=checked["height"], any_size=True,
+            steps=checked["scheduler"].num_steps, guidance_scale=checked["guidance_scale"],
+            negative_prompt=checked["negative_prompt"] if checked["cfg"] else request.negative_prompt,
+            seed=checked["seed"])
+
+    def batch_rows(self, request: GenerationRequest) -> int:
+        """Transformer rows one image of ``request`` takes: two with CFG, else one."""
+        guidance = self.variant.guidance_scale if request.guidance_scale is None else request.guidance_scale
+        return 2 if guidance > 1.0 else 1
+
+    def _generate(self, requests: list[GenerationRequest], progress: bool | None,
+                  batch_timings: Timings | None = None) -> list[GenerationResult]:
         t_start = time.perf_counter()
-        with timings.measure("validate"):
-            req = self._check_request(prompt, negative_prompt, width, height, steps, guidance_scale, seed,
-                                      any_size, callback, latents, noise, allow_cfg)
-        scheduler, w, h, cfg = req["scheduler"], req["width"], req["height"], req["cfg"]
-        info = self.transformer_info
-        shape = (1, info.in_channels, h // VAE_SCALE, w // VAE_SCALE)
+        jobs = [self._start_job(k, request, len(requests)) for k, request in enumerate(requests)]
+        self._check_batch(jobs)
+        if batch_timings is not None:
+            batch_timings.add("validate", sum(j.timings.total("validate") for j in jobs))
+        everyone = [j.timings for j in jobs] + ([batch_timings] if batch_timings is not None else [])
+        w, h = jobs[0].checked["width"], jobs[0].checked["height"]
 
-        # One generator for everything random, in a fixed order: initial latents, then per step.
-        # The latents are drawn even when injected, so step k's noise depends on the seed alone.
-        rng = np.random.Generator(np.random.PCG64(req["seed"])) if req["seed"] is not None else None
-        drawn = rng.standard_normal(shape, dtype=np.float32) if rng is not None else None
-        x = np.array(latents, dtype=np.float32) if latents is not None else drawn
+        prompts = [p for j in jobs for p in j.prompts]
+        encoded = Timings()
+        cond = self.text_encoders.encode(prompts, encoded, stacklevel=4)  # warnings point at the caller
+        for t in everyone:
+            t.extend(encoded)
+        starts = np.cumsum([0] + [len(j.prompts) for j in jobs])  # each job's rows in `cond`
+        transformer = self.sessions["transformer"]
+        loras = [r.to_dict() for r in self.loras.records]
+        device = self.device
+        if device is not None:
+            for job in jobs:
+                job.x = device.upload(job.x)
+        num_steps = max(j.scheduler.num_steps for j in jobs)
+        # The inputs that do not change between steps: text rows per set of active jobs, and each step's
+        # timesteps, made (and on the device, uploaded) once before the loop.
+        text_feeds: dict[tuple[int, ...], dict[str, Any]] = {}
+        timestep_feeds = []
+        for i in range(num_steps):
+            active = tuple(k for k, j in enumerate(jobs) if i < j.scheduler.num_steps)
+            if active not in text_feeds:
+                rows = [r for k in active for r in range(starts[k], starts[k + 1])]
+                text_feeds[active] = self._upload(self._text_feeds(cond if len(rows) == len(prompts)
+                                                                   else cond.take(rows)))
+            batch = self.transformer_info.feed_batch(sum(len(jobs[k].prompts) for k in active))
+            timestep_feeds.append(self._upload({"timesteps": self._timestep_feed([jobs[k] for k in active], i,
+                                                                                 batch)}))
 
-        prompts = [req["negative_prompt"], prompt] if cfg else [prompt]
-        cond = self.text_encoders.encode(prompts, timings, stacklevel=4)  # warnings point at the caller
-        rows = len(prompts)
-        batch = info.feed_batch(rows)
-        t5, pooled = _pad_rows(cond.t5, 0, batch), _pad_rows(cond.pooled, 0, batch)
-        llama = _pad_rows(cond.llama, 1, batch)  # layer-first: the batch is axis 1
-        transformer, loras = self.sessions["transformer"], self.loras.records
-        g = np.float32(req["guidance_scale"])
-
-        bar = self._progress_bar(scheduler.num_steps, progress)
+        bar = self._progress_bar(num_steps, progress)
         try:
-            for i, t in enumerate(scheduler.timesteps):
+            for i in range(num_steps):
                 step_start = time.perf_counter()
-                feeds = {
-                    "hidden_states": np.repeat(x, batch, axis=0) if batch > 1 else x,
-                    "timesteps": np.full((batch,), t, dtype=info.timestep_dtype),
-                    "encoder_hidden_states_t5": t5,
-                    "encoder_hidden_states_llama3": llama,
-                    "pooled_embeds": pooled,
-                }
-                with timings.measure("transformer"):
-                    out = transformer.run(feeds)
-                # The model predicts -velocity; the schedulers take the velocity. Rows past
-                # `rows` are batch padding.
-                v = -_output(out, "sample")[:rows].astype(np.float32, copy=False)
-                if cfg:
-                    uncond, text = v[0:1], v[1:2]
-                    v = uncond + g * (text - uncond)
-                with timings.measure("scheduler"):
-                    step_noise = None
-                    if scheduler.needs_noise:
-                        if noise is not None:
-                            step_noise = noise[i]
-                        elif rng is not None:
-                            step_noise = rng.standard_normal(scheduler.noise_shape(x.shape), dtype=np.float32)
-                    x = scheduler.step(v, i, x, step_noise)
-                timings.add("step", time.perf_counter() - step_start)  # the caller's callback is not ours
-                if callback is not None:
-                    callback(i, t, _read_only(x))
+                active = tuple(k for k, j in enumerate(jobs) if i < j.scheduler.num_steps)
+                feeds = {"hidden_states": self._latent_feed([jobs[k] for k in active]), **timestep_feeds[i],
+                         **text_feeds[active]}
+                call_start = time.perf_counter()
+                out = transformer.run(feeds) if device is None else transformer.run_bound(feeds, device)
+                _add("transformer", time.perf_counter() - call_start, [everyone[k] for k in active], batch_timings)
+                # The model predicts -velocity; the schedulers take the velocity. Rows past the jobs'
+                # own are batch padding.
+                sample = _output(out, "sample")
+                offset = 0
+                for k in active:
+                    job = jobs[k]
+                    n = len(job.prompts)
+                    v = -sample[offset:offset + n].astype(np.float32, copy=False)
+                    offset += n
+                    if job.checked["cfg"]:
+                        uncond, text = v[0:1], v[1:2]
+                        v = uncond + np.float32(job.checked["guidance_scale"]) * (text - uncond)
+                    with job.timings.measure("scheduler"):
+                        job.x = self._scheduler_step(job, v, i)
+                    if batch_timings is not None:
+                        batch_timings.add("scheduler", job.timings.values("scheduler")[-1])
+                # The callers' callbacks are not ours: a step ends before them.
+                _add("step", time.perf_counter() - step_start, [everyone[k] for k in active], batch_timings)
+                for k in active:
+                    if jobs[k].request.callback is not None:
+                        jobs[k].request.callback(i, jobs[k].scheduler.timesteps[i], _read_only(_host(jobs[k].x)))
                 bar.update(1)
         finally:
             bar.close()
 
-        with timings.measure("vae"):
-            decoded = self.sessions["vae_decoder"].run({_single_input(self.sessions["vae_decoder"], "latent"): x})
-        with timings.measure("postprocess"):
-            array = _output(decoded, "image")[0].astype(np.float32, copy=False).transpose(1, 2, 0)
-            image = _to_pil(array)
-        timings.add("total", time.perf_counter() - t_start)
-        return GenerationResult(
-            image=image, array=array, seed=req["seed"], width=w, height=h, steps=scheduler.num_steps,
-            guidance_scale=float(req["guidance_scale"]), prompt=prompt,
-            negative_prompt=req["negative_prompt"] if cfg else None, timings=timings,
-            latents=x if return_latents else None,
-            info={"variant": self.variant.name, "scheduler": f"{type(scheduler).__name__} ({self.scheduler_flavour})",
-                  "backend": self.backend.describe(), "cfg": cfg, "any_size": bool(any_size),
-                  "notes": req["notes"], "loras": [r.to_dict() for r in loras]})
+        vae = self.sessions["vae_decoder"]
+        arrays = []
+        chunk = self.vae_batch_limit()
+        for first in range(0, len(jobs), chunk):
+            part = jobs[first:first + chunk]
+            vae_start = time.perf_counter()
+            latents = {_single_input(vae, "latent"): _concat([j.x for j in part])}
+            decoded = vae.run(latents) if device is None else vae.run_bound(latents, device)
+            images = _host(_output(decoded, "image"))  # the one copy to the host: the images themselves
+            _add("vae", time.perf_counter() - vae_start, [j.timings for j in part], batch_timings)
+            arrays.extend(images[k] for k in range(len(part)))
+        for job in jobs:
+            job.x = _host(job.x)
 
-    def _check_request(self, prompt, negative_prompt, width, height, steps, guidance_scale, seed, any_size,
-                       callback, latents, noise, allow_cfg=False) -> dict[str, Any]:
+        results = []
+        for job, decoded_image in zip(jobs, arrays):
+            with job.timings.measure("postprocess"):
+                array = decoded_image.astype(np.float32, copy=False).transpose(1, 2, 0)
+                image = _to_pil(array)
+            if batch_timings is not None:
+                batch_timings.add("postprocess", job.timings.values("postprocess")[-1])
+            job.timings.add("total", time.perf_counter() - t_start)
+            req, checked = job.request, job.checked
+            results.append(GenerationResult(
+                image=image, array=array, seed=checked["seed"], width=w, height=h, steps=job.scheduler.num_steps,
+                guidance_scale=float(checked["guidance_scale"]), prompt=req.prompt,
+                negative_prompt=checked["negative_prompt"] if checked["cfg"] else None, timings=job.timings,
+                latents=job.x if req.return_latents else None,
+                info={"variant": self.variant.name,
+                      "scheduler": f"{type(job.scheduler).__name__} ({self.scheduler_flavour})",
+                      "backend": self.backend.describe(), "cfg": checked["cfg"], "any_size": bool(req.any_size),
+                      "notes": checked["notes"], "loras": loras, "batch_images": len(jobs)}))
+        if batch_timings is not None:
+            batch_timings.add("total", time.perf_counter() - t_start)
+        return results
+
+    def _text_feeds(self, cond: Any) -> dict[str, np.ndarray]:
+        """The transformer's text inputs for the active jobs' rows, padded up to a batch the engine runs."""
+        batch = self.transformer_info.feed_batch(cond.batch)
+        return {
+            "encoder_hidden_states_t5": _pad_rows(cond.t5, 0, batch),
+            "encoder_hidden_states_llama3": _pad_rows(cond.llama, 1, batch),  # layer-first: the batch is axis 1
+            "pooled_embeds": _pad_rows(cond.pooled, 0, batch),
+        }
+
+    def _timestep_feed(self, active: list[_Job], i: int, batch: int) -> np.ndarray:
+        """Step i's timestep per row: each active job's own, once per prompt, then padding."""
+        dtype = self.transformer_info.timestep_dtype
+        rows = [np.full((len(j.prompts),), j.scheduler.timesteps[i], dtype=dtype) for j in active]
+        return _pad_rows(_concat(rows), 0, batch)
+
+    def _latent_feed(self, active: list[_Job]) -> Any:
+        """The active jobs' latents, once per prompt (the CFG pair is one batch), then padding; on the
+        device when the loop runs there."""
+        batch = self.transformer_info.feed_batch(sum(len(j.prompts) for j in active))
+        return _pad_rows(_concat([_repeat_rows(j.x, len(j.prompts)) for j in active]), 0, batch)
+
+    def _upload(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        return feeds if self.device is None else {k: self.device.upload(v) for k, v in feeds.items()}
+
+    def _start_job(self, k: int, request: GenerationRequest, count: int) -> _Job:
+        """Check one request and draw its initial latents."""
+        timings = Timings()
+        with timings.measure("validate"):
+            try:
+                checked = self._check_request(request)
+            except RequestError as exc:
+                if count == 1:
+                    raise
+                raise RequestError(f"requests[{k}]: {exc}") from None
+        info = self.transformer_info
+        shape = (1, info.in_channels, checked["height"] // VAE_SCALE, checked["width"] // VAE_SCALE)
+        # One generator for everything random, in a fixed order: initial latents, then per step.
+        # The latents are drawn even when injected, so step k's noise depends on the seed alone.
+        rng = np.random.Generator(np.random.PCG64(checked["seed"])) if checked["seed"] is not None else None
+        drawn = rng.standard_normal(shape, dtype=np.float32) if rng is not None else None
+        x = np.array(request.latents, dtype=np.float32) if request.latents is not None else drawn
+        return _Job(request, checked, rng, x, timings)
+
+    def _check_batch(self, jobs: list[_Job]) -> None:
+        """A batch runs one size, within the transformer's batch range."""
+        size = (jobs[0].checked["width"], jobs[0].checked["height"])
+        for k, job in enumerate(jobs):
+            if (job.checked["width"], job.checked["height"]) != size:
+                raise RequestError(f"requests[{k}] resolves to {job.checked['width']}x{job.checked['height']}, "
+                                   f"requests[0] to {size[0]}x{size[1]}; one batch runs one size")
+        info = self.transformer_info
+        rows = sum(len(j.prompts) for j in jobs)
+        if info.feed_batch(rows) > info.batch_range[1]:
+            raise RequestError(f"{len(jobs)} images need {rows} transformer rows; this transformer runs batches of "
+                               f"{info.batch_range[0]}..{info.batch_range[1]}")
+
+    def _scheduler_step(self, job: _Job, v: np.ndarray, i: int) -> np.ndarray:
+        scheduler = job.scheduler
+        step_noise = None
+        if scheduler.needs_noise:
+            if job.request.noise is not None:
+                step_noise = job.request.noise[i]
+            elif job.rng is not None:
+                step_noise = job.rng.standard_normal(scheduler.noise_shape(job.x.shape), dtype=np.float32)
+            if step_noise is not None and self.device is not None:
+                # Drawn on the host by the request's generator, so a seed gives one image on every provider.
+                step_noise = self.device.upload(np.asarray(step_noise, dtype=np.float32))
+        return scheduler.step(v, i, job.x, step_noise)
+
+    def vae_batch_limit(self) -> int:
+        """Latents decoded per VAE call: the exported batch axis' maximum (1 when it is not recorded)."""
+        entry = self.manifest.components.get(self.backend.component_key(self.manifest, "vae_decoder"))
+        axes = getattr(entry, "axes", None) or {}
+        return max(1, int(axes.get("batch", (1, 1))[1]))
+
+    def _check_request(self, request: GenerationRequest) -> dict[str, Any]:
         """Every argument, checked before anything runs; returns the resolved request."""
+        prompt, negative_prompt, steps = request.prompt, request.negative_prompt, request.steps
+        guidance_scale, seed, callback = request.guidance_scale, request.seed, request.callback
+        latents, noise = request.latents, request.noise
         if not isinstance(prompt, str):
             raise RequestError(f"prompt must be a str, got {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
@@ -399,7 +597,7 @@ class Pipeline:
         cfg = guidance_scale > 1.0
         notes = []  # what the request asked for and did not get as asked (reported, never silent)
         if cfg and not self.variant.uses_cfg:
-            if not allow_cfg:
+            if not request.allow_cfg:
                 raise RequestError(
                     f"guidance_scale={guidance_scale:g}: HiDream-I1-{self.variant.name.capitalize()} is guidance-"
                     f"distilled (its recipe runs no CFG); CFG would run the transformer on two rows per step for a "
@@ -412,9 +610,9 @@ class Pipeline:
             raise RequestError(f"seed must be a non-negative integer or None, got {seed!r}")
         if callback is not None and not callable(callback):
             raise RequestError(f"callback must be callable, got {type(callback).__name__}")
-        w, h = self.resolve_size(width, height, any_size)
-        if (width or height) and (width or w, height or h) != (w, h):
-            notes.append(f"size {width or w}x{height or h} rescaled to {w}x{h} (this model's area of "
+        w, h = self.resolve_size(request.width, request.height, request.any_size)
+        if (request.width or request.height) and (request.width or w, request.height or h) != (w, h):
+            notes.append(f"size {request.width or w}x{request.height or h} rescaled to {w}x{h} (this model's area of "
                          f"{self.transformer_info.default_side}x{self.transformer_info.default_side} px, multiples of "
                          f"{SIZE_MULTIPLE}); --any-size keeps the size as given")
 
@@ -481,11 +679,62 @@ def _np_dtype(name: str) -> np.dtype:
         raise ManifestError(f"unknown dtype {name!r} in the transformer's manifest entry") from None
 
 
-def _pad_rows(array: np.ndarray, axis: int, batch: int) -> np.ndarray:
+def _concat(arrays: list[Any]) -> Any:
+    """Rows of several jobs along axis 0 (one job's array as it is), on the host or on the device."""
+    if isinstance(arrays[0], DeviceArray):
+        return concat_rows(arrays)
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+
+def _repeat_rows(array: Any, n: int) -> Any:
+    """A one-row array's row n times (the latents once per prompt of a CFG pair)."""
+    if isinstance(array, DeviceArray):
+        return array.repeat_rows(n)
+    return np.repeat(array, n, axis=0) if n > 1 else array
+
+
+def _host(array: Any) -> np.ndarray:
+    return array.numpy() if isinstance(array, DeviceArray) else array
+
+
+def _io_device(backend: Backend, io_binding: bool | None) -> Device | None:
+    """The Device the sampling loop binds its tensors on: the ort backend's first provider's when
+    ``io_binding`` is True, or None and that device is a GPU; None for the host loop (an error if
+    I/O binding was asked for and the backend has none)."""
+    if io_binding is False:
+        return None
+    make = getattr(backend, "device", None)
+    if make is None:
+        if io_binding:
+            raise BackendUnavailable(f"io_binding=True: the {backend.describe()} backend has no I/O binding; it is "
+                                     f"ONNX Runtime's (backend='ort')")
+        return None
+    try:
+        device = make()
+    except BackendUnavailable:
+        if io_binding:
+            raise
+        return None  # a provider I/O binding does not cover (e.g. TensorRT's EP first): the host loop
+    # On the CPU provider the host arrays already are where the sessions compute: binding them only adds
+    # the one-operator graphs' overhead, so by default the CPU runs the host loop.
+    return device if io_binding or device.device_type != "cpu" else None
+
+
+def _add(stage: str, seconds: float, timings: Sequence[Timings], batch: Timings | None = None) -> None:
+    """One shared stage's duration, recorded for every job that waited for it and once for the batch."""
+    for t in timings:
+        t.add(stage, seconds)
+    if batch is not None:
+        batch.add(stage, seconds)
+
+
+def _pad_rows(array: Any, axis: int, batch: int) -> Any:
     """Repeat the last row along ``axis`` up to ``batch`` rows (their outputs are discarded)."""
     rows = array.shape[axis]
     if rows == batch:
         return array
+    if isinstance(array, DeviceArray):  # the latents, axis 0
+        return concat_rows([array, array[rows - 1:rows].repeat_rows(batch - rows)])
     extra = np.repeat(np.take(array, [rows - 1], axis=axis), batch - rows, axis=axis)
     return np.concatenate([array, extra], axis=axis)
 
@@ -493,10 +742,12 @@ def _pad_rows(array: np.ndarray, axis: int, batch: int) -> np.ndarray:
 def _output(outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     """Output ``name`` of a session, or its only output whatever the graph calls it."""
     if name in outputs:
-        return np.asarray(outputs[name])
-    if len(outputs) == 1:
-        return np.asarray(next(iter(outputs.values())))
-    raise ManifestError(f"expected an output {name!r}, got {sorted(outputs)}")
+        value = outputs[name]
+    elif len(outputs) == 1:
+        value = next(iter(outputs.values()))
+    else:
+        raise ManifestError(f"expected an output {name!r}, got {sorted(outputs)}")
+    return value if isinstance(value, DeviceArray) else np.asarray(value)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

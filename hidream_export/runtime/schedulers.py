@@ -60,7 +60,10 @@ OFFICIAL_MAX_SEQ = 4096
 
 def shift_sigmas(sigmas, shift: float):
     """The flow-matching shift S_s(sigma) = s*sigma / (1 + (s - 1)*sigma), in the input's precision."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
+    # The 1 takes the input's dtype: numpy 1.x turns float32 scalar - int into float64 (numpy 2 keeps
+    # float32), which moved float32 schedules by a unit in the last place.
+    one = np.asarray(sigmas).dtype.type(1)
+    return shift * sigmas / (one + (shift - one) * sigmas)
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,

@@ -116,6 +116,10 @@ class Conditioning:
     def batch(self) -> int:
         return self.t5.shape[0]
 
+    def take(self, rows: Sequence[int]) -> "Conditioning":
+        """The conditioning of some prompts only, in the order given."""
+        return Conditioning(t5=self.t5[rows], llama=self.llama[:, rows], pooled=self.pooled[rows])
+
 
 class TextEncoders:
     """The four tokenizers and encoder sessions; ``encode(prompts)`` -> Conditioning."""
