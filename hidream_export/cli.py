@@ -29,7 +29,7 @@ from hidream_export.variants import VARIANTS, get_variant
 _EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "onnx_ir": "export", "transformers": "export",
            "diffusers": "export", "safetensors": "export", "polygraphy": "export", "onnx_graphsurgeon": "export",
            "sentencepiece": "export", "triton": "kernels", "tensorrt": "gpu", "pytriton": "serve",
-           "tritonclient": "serve"}
+           "tritonclient": "serve", "modelopt": "quant"}
 
 
 QUIET_LOGGERS = ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo",
@@ -39,8 +39,10 @@ QUIET_LOGGERS = ("torch", "torch.onnx", "torch.onnx._internal.exporter._registra
 # ---- subcommands -----------------------------------------------------------------------------------------
 
 def _cmd_info(args) -> int:
-    from hidream_export.info import checkpoint_info, format_info, format_lora_info, lora_info
+    from hidream_export.info import (checkpoint_info, engine_folder_info, format_engine_folder_info, format_info,
+                                     format_lora_info, lora_info)
     from hidream_export.lora import looks_like_lora
+    from hidream_export.manifest import MANIFEST_NAME
 
     if looks_like_lora(args.checkpoint) or Path(args.checkpoint).suffix in (".pt", ".pth", ".bin", ".ckpt"):
         info = lora_info(args.checkpoint, checkpoint=args.against, config=args.config)
@@ -48,6 +50,10 @@ def _cmd_info(args) -> int:
         return 0 if info.get("fits", True) else 1
     if args.against:
         raise HiDreamExportError(f"--checkpoint goes with a LoRA file; {args.checkpoint} is not one")
+    if (Path(args.checkpoint) / MANIFEST_NAME).is_file():  # an engine folder: what its manifest records
+        info = engine_folder_info(args.checkpoint)
+        print(json.dumps(info, indent=2) if args.json else format_engine_folder_info(info))
+        return 0
     info = checkpoint_info(args.checkpoint, config=args.config)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
@@ -59,7 +65,8 @@ def _cmd_export(args) -> int:
     result = export_transformer(
         args.checkpoint, args.variant, args.out, moe=args.moe, target=args.target, dtype=args.dtype, opset=args.opset,
         min_size=args.min_size, max_size=args.max_size, opt_size=args.opt_size, config=args.config,
-        force=args.force, streaming=not args.no_streaming, loras=args.lora, dry_run=args.dry_run, quiet=args.quiet)
+        force=args.force, streaming=not args.no_streaming, loras=args.lora, dry_run=args.dry_run, quiet=args.quiet,
+        **_quant_options(args))
     if result.plan is not None:
         print(result.plan.format())
         return 0
@@ -74,6 +81,26 @@ def _cmd_export(args) -> int:
           f"{c.initializers - len(c.initializer_map)} small constants, moe={c.moe_lowering}, target={c.target}, "
           f"dtype={c.dtype}, opset={c.opset}, sizes {r.min[0]}x{r.min[1]}..{r.max[0]}x{r.max[1]}, batch "
           f"{c.batch_range[0]}..{c.batch_range[1]}, {c.extra.get('export_seconds')} s")
+    if c.quant:
+        print(f"quantized: {c.quant.describe()}")
+    return 0
+
+
+def _quant_options(args) -> dict:
+    return {"quant": args.quant, "quant_block": args.quant_block, "calibration": args.calibration,
+            "ort_accuracy_level": args.ort_accuracy_level}
+
+
+def _cmd_calibrate(args) -> int:
+    from hidream_export.quant.calibrate import CalibrationOptions, calibrate
+
+    table = calibrate(CalibrationOptions(
+        Path(args.checkpoint), args.variant, Path(args.prompts), Path(args.out), llama=Path(args.llama) if args.llama
+        else None, size=args.size, steps=args.steps, seed=args.seed, device=args.device, dtype=args.dtype,
+        progress=False if args.quiet else None))
+    print(f"wrote {args.out}: input amax of {len(table.amax)} linear layers over {table.meta['prompts']} prompt(s) "
+          f"x {table.meta['steps']} steps at {table.meta['size'][0]}x{table.meta['size'][1]} "
+          f"(checkpoint sha256 {table.checkpoint_sha256[:12]}...)")
     return 0
 
 
@@ -92,9 +119,16 @@ def _cmd_compare(args) -> int:
     from hidream_export.compare.parity import compare_onnx
 
     providers = _providers(args)
+    timesteps = None
+    if args.timesteps:
+        try:
+            timesteps = "recipe" if args.timesteps == ["recipe"] else [float(t) for t in args.timesteps]
+        except ValueError:
+            raise HiDreamExportError(f"--timesteps {' '.join(args.timesteps)}: expected numbers or 'recipe'") from None
     report = compare_onnx(args.checkpoint, args.model, sizes=args.sizes, batch=args.batch, seed=args.seed,
                           atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine, save_dir=args.save_dir,
-                          config=args.config, providers=providers)
+                          config=args.config, providers=providers, timesteps=timesteps,
+                          min_routing=args.min_routing)
     print(report.format())
     return 0 if report.passed else 1
 
@@ -128,8 +162,8 @@ def _cmd_build(args) -> int:
     manifest = build_pipeline(
         args.checkpoint, args.variant, out, llama=args.llama, moe=args.moe, dtype=args.dtype,
         encoder_dtype=args.encoder_dtype, force=args.force, trt=args.trt, opset=args.opset, link=args.link,
-        target=args.target,
-        trt_options=_trt_options(args) if args.trt else None, loras=args.lora, quiet=args.quiet)
+        target=args.target, trt_options=_trt_options(args) if args.trt else None, loras=args.lora, quiet=args.quiet,
+        quant_encoders=args.quant_encoders, **_quant_options(args))
     print(f"built {out}: " + ", ".join(sorted(manifest.components)))
     return 0
 
@@ -376,6 +410,21 @@ def _add_lora_argument(p: argparse.ArgumentParser, what: str) -> None:
                         f"1.0), {what}; repeat to stack LoRAs")
 
 
+def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
+    from hidream_export.quant.scheme import BLOCK_SIZES, ORT_ACCURACY_LEVELS, SCHEMES
+
+    g = p.add_argument_group("quantization (transformer)")
+    g.add_argument("--quant", choices=SCHEMES, default=None,
+                   help="int8/int4: weight-only, block-wise symmetric; fp8: e4m3 Q/DQ (needs --calibration)")
+    g.add_argument("--quant-block", type=int, choices=BLOCK_SIZES, default=None,
+                   help="int8/int4 block along the input dimension (default 128 for int8, 64 for int4)")
+    g.add_argument("--calibration", metavar="AMAX.json", default=None,
+                   help="fp8 activation ranges written by `hidream-export calibrate` for this checkpoint")
+    g.add_argument("--ort-accuracy-level", type=int, choices=ORT_ACCURACY_LEVELS, default=None,
+                   help="int8/int4: MatMulNBits compute for ONNX Runtime (1 float32, 4 int8; default 1 for int8, "
+                        "4 for int4)")
+
+
 def _add_model_settings(p: argparse.ArgumentParser, kind: str) -> None:
     """How each served model runs: the arguments `serve` and `triton-repo` share."""
     p.add_argument("dirs", nargs="+", metavar="DIR", help="engine folders written by `hidream-export build`")
@@ -405,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     variants = sorted(VARIANTS)
 
     p = sub.add_parser("info", parents=[common],
-                       help="config, parameter counts and dtypes of a transformer checkpoint, or what a LoRA adapts")
-    p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file; or a LoRA file")
+                       help="config, parameter counts and dtypes of a transformer checkpoint, what a LoRA adapts, or "
+                            "an engine folder's components, dtypes and quantization")
+    p.add_argument("checkpoint", help="model folder, transformer/ folder or single .safetensors file; a LoRA file; or "
+                                      "an engine folder")
     p.add_argument("--config", help="preset name or config.json (single-file checkpoints; for a LoRA: check it fits)")
     p.add_argument("--checkpoint", dest="against", metavar="MODEL",
                    help="for a LoRA: check that it fits this checkpoint (model folder, transformer/ or single file)")
@@ -433,8 +484,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-streaming", action="store_true",
                    help="export a loaded model (holds all weights in memory) instead of streaming them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quant_arguments(p)
     _add_lora_argument(p, "fused into the exported weights")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("calibrate", parents=[common],
+                       help="FP8 activation ranges (amax.json) from the reference model over a prompt file")
+    p.add_argument("checkpoint", help="a HiDream-I1 model folder (diffusers layout, with its text encoders)")
+    p.add_argument("--variant", required=True, choices=variants)
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="the calibration file to write (amax.json)")
+    p.add_argument("--llama", help="Llama-3.1-8B-Instruct folder (default CHECKPOINT/llama)")
+    p.add_argument("--size", default=None, help="WxH px of the trajectory (default: the model's default area)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the variant's recipe)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device of the reference model (cpu, cuda)")
+    p.add_argument("--dtype", default="fp32", choices=EXPORT_DTYPES, help="reference model dtype")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("compare", parents=[common], help="PyTorch reference vs ONNX Runtime on the same random inputs")
     p.add_argument("checkpoint")
@@ -445,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None)
     p.add_argument("--rtol", type=float, default=None, help="relative to max|reference| (default by dtype)")
     p.add_argument("--min-cosine", type=float, default=None)
+    p.add_argument("--timesteps", nargs="+", default=None, metavar="T",
+                   help="timesteps to feed (one case per size and timestep), or 'recipe' for three of the variant's "
+                        "sampling timesteps (default: random)")
+    p.add_argument("--min-routing", type=float, default=None,
+                   help="least share of routed tokens whose top-k experts match the reference (quantized default 0.99)")
     p.add_argument("--save-dir", default=None,
                    help="write inputs.json and reference_outputs.json (Polygraphy formats) into this folder")
     p.add_argument("--config", help="preset or config.json (single-file checkpoints)")
@@ -471,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-export everything")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    _add_quant_arguments(p)
+    p.add_argument("--quant-encoders", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of the T5 and Llama text encoders (their linear layers)")
     _add_lora_argument(p, "fused into the transformer's exported weights")
     _add_trt_arguments(p)
     p.set_defaults(func=_cmd_build)

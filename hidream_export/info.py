@@ -1,5 +1,6 @@
 """`hidream-export info`: what a checkpoint holds, read from its headers alone (no weights loaded), or what
-a LoRA file adapts and whether it fits a given checkpoint or config."""
+a LoRA file adapts and whether it fits a given checkpoint or config, or an engine folder's components (from its
+manifest)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,40 @@ def format_info(info: dict) -> str:
     for name, g in info["groups"].items():
         dtypes = ", ".join(f"{k}x{v}" for k, v in sorted(g["dtypes"].items()))
         lines.append(f"  {name:<28} {g['parameters']:>16,} params  {g['tensors']:>5} tensors  {dtypes}")
+    return "\n".join(lines)
+
+
+def engine_folder_info(folder: str | Path) -> dict:
+    """`info` on an engine folder (one with manifest.json): its variant and each component's kind, dtype,
+    size and quantization, from the manifest alone."""
+    from hidream_export.manifest import Manifest, OnnxComponent, TransformerComponent
+
+    manifest = Manifest.read(folder)
+    components = {}
+    for name, comp in manifest.components.items():
+        entry = {"kind": comp.kind, "path": comp.path, "bytes": sum(f.bytes for f in comp.files.values())}
+        if isinstance(comp, OnnxComponent):
+            entry["dtype"] = comp.dtype
+            entry["quant"] = comp.quant.to_dict() if comp.quant else None
+        if isinstance(comp, TransformerComponent):
+            entry["moe_lowering"] = comp.moe_lowering
+            entry["target"] = comp.target
+            entry["opset"] = comp.opset
+        components[name] = entry
+    return {"folder": str(folder), "variant": manifest.variant.name, "components": components}
+
+
+def format_engine_folder_info(info: dict) -> str:
+    lines = [f"engine folder {info['folder']} (variant {info['variant']})"]
+    for name, c in info["components"].items():
+        quant = c.get("quant")
+        what = f"{c['kind']}" + (f", {c['dtype']}" if c.get("dtype") else "")
+        if "moe_lowering" in c:
+            what += f", moe {c['moe_lowering']}, target {c['target']}, opset {c['opset']}"
+        if quant:
+            block = f" block {quant['block_size']}" if quant.get("block_size") else ""
+            what += f", quant {quant['scheme']}{block} ({quant['quantized_weights']} weights)"
+        lines.append(f"  {name:<16} {c['bytes'] / 2**20:>10,.1f} MiB  {what}")
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 from hidream_export.errors import ManifestError
 from hidream_export.files import atomic_write_json, file_record, verify_file
+from hidream_export.quant.scheme import QuantRecord
 from hidream_export.variants import SizeRange, Variant, get_variant
 
 FORMAT_VERSION = 2
@@ -231,6 +232,8 @@ class OnnxComponent(Component):
     axes: dict[str, tuple[int, int]] = _codec(  # symbolic axis -> (min, max)
         lambda d: {str(k): (int(v[0]), int(v[1])) for k, v in d.items()},
         lambda d: {k: list(r) for k, r in d.items()}, factory=dict)
+    # Quantized linear weights (hidream_export.quant): scheme, format, policy; None when all are in `dtype`.
+    quant: QuantRecord | None = _codec(QuantRecord.from_dict, QuantRecord.to_dict)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((s for s in self.inputs if s.name == name), None)

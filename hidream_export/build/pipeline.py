@@ -125,8 +125,10 @@ def _subfolder(checkpoint: Path, sub: str, what: str) -> Path:
 
 
 def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = None, *, encoder_dtype: str = "fp32",
-                           opset: int = DEFAULT_OPSET, exporter: str = "auto") -> list[SharedComponent]:
+                           opset: int = DEFAULT_OPSET, exporter: str = "auto",
+                           encoder_quant=None) -> list[SharedComponent]:
     """Check that every shared component's source is there and say how each is made; nothing is written.
+    encoder_quant (a QuantScheme): weight-only quantization of the streamed encoders (T5, Llama).
 
     Raises ExportError (a ValueError) naming the missing folder, file or flag."""
     checkpoint = Path(checkpoint)
@@ -146,10 +148,13 @@ def plan_shared_components(checkpoint: str | Path, llama: str | Path | None = No
         settings = {"recipe": encoders_mod.RECIPE_VERSION, "dtype": encoder_dtype, "opset": opset,
                     "exporter": exporter, "text_length": TEXT_LENGTH, "max_batch": MAX_TEXT_BATCH,
                     "streaming": name in encoders_mod.STREAMING}
+        quant = encoder_quant if name in encoders_mod.STREAMING else None
+        if quant is not None:  # absent otherwise, so unquantized store entries keep their keys
+            settings["quant"] = quant.to_key()
         plan.append(SharedComponent(
             name, name, ONNX_NAME, onnx_files, folder, model_source_files(folder, what), settings,
-            lambda out, n=name, f=folder: encoders_mod.export_encoder(n, f, out, dtype=encoder_dtype, opset=opset,
-                                                                      exporter=exporter),
+            lambda out, n=name, f=folder, q=quant: encoders_mod.export_encoder(
+                n, f, out, dtype=encoder_dtype, opset=opset, exporter=exporter, quant=q),
             lambda n=name, f=folder: encoders_mod.load_config(n, f)))
 
     vae_dir = _subfolder(checkpoint, "vae", "VAE")
@@ -372,7 +377,9 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
                    llama: str | Path | None = None, moe: str = "gather", target: str | None = None, dtype: str = "fp32",
                    encoder_dtype: str = "fp32", shared_root: str | Path | None = None, force: bool = False,
                    trt: bool = False, opset: int | None = None, exporter: str = "auto", link: str = "auto",
-                   trt_options=None, loras: Sequence = (), quiet: bool = True) -> Manifest:
+                   trt_options=None, loras: Sequence = (), quiet: bool = True, quant: str | None = None,
+                   quant_block: int | None = None, calibration: str | Path | None = None,
+                   ort_accuracy_level: int | None = None, quant_encoders: str | None = None) -> Manifest:
     """Export everything `variant` needs from a HiDream-I1 model folder into one engine folder; return its
     manifest (also written to OUT/manifest.json).
 
@@ -385,7 +392,11 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     force          re-export everything, and allow replacing a folder built for another variant/checkpoint
     trt            also build TensorRT engines (trt_options: a build.trt.TrtBuildOptions); without TensorRT
                    one notice line, and the ONNX folder
-    opset          ONNX opset of every graph (default 20; the transformer's default follows its target)
+    opset          ONNX opset of every graph (default 20; the transformer's follows its target and is at least 21
+                   when quantized, the encoders' 21 with quant_encoders)
+    quant, quant_block, calibration, ort_accuracy_level
+                   the transformer's quantization (export_transformer; hidream_export.quant)
+    quant_encoders weight-only int8/int4 of the T5 and Llama encoders (with quant_block when given)
     exporter       the encoders'/VAE's exporter ("auto": dynamo, TorchScript fallback recorded in the manifest)
     link           how variant folders get the shared files: auto (reflink, else copy), reflink, hardlink or copy
     loras          LoRAs fused into the transformer's weights (export_transformer's `loras`)
@@ -400,12 +411,21 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     store = Path(shared_root) if shared_root else out_dir.parent / SHARED_DIR
     if link not in LINK_MODES:
         raise ExportError(f"--link {link!r} is not one of {LINK_MODES}")
+    from hidream_export.quant.scheme import MIN_OPSET, QuantScheme
+
     target, transformer_opset = resolve_target(target, moe, None if opset is None else check_opset(opset))
     if trt and target != TENSORRT:
         raise ExportError(f"--trt builds TensorRT engines, but the transformer would be an {target} graph "
                           f"(--moe {moe}, --target {target}); use --target {TENSORRT} with --moe gather, dense or "
                           f"plugin")
+    if opset is None and quant_encoders:
+        opset = MIN_OPSET  # the encoders' blocked DequantizeLinear
     opset = check_opset(opset)
+    # --quant-block applies to the encoders too when given (their widths are multiples of 128 in the real model).
+    encoder_quant = QuantScheme.parse(quant_encoders, quant_block if quant_encoders and quant != "fp8" else None,
+                                      flag="--quant-encoders")
+    if encoder_quant is not None and opset < MIN_OPSET:
+        raise ExportError(f"--quant-encoders needs --opset {MIN_OPSET} or newer, got {opset}")
 
     trt_missing = None
     if trt:
@@ -417,7 +437,8 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
                   f"folder only", file=sys.stderr)
 
     # Every source is checked (read and hashed) before the transformer export, which can take an hour.
-    plan = plan_shared_components(checkpoint, llama, encoder_dtype=encoder_dtype, opset=opset, exporter=exporter)
+    plan = plan_shared_components(checkpoint, llama, encoder_dtype=encoder_dtype, opset=opset, exporter=exporter,
+                                  encoder_quant=encoder_quant)
     scheduler_config = _read_scheduler(checkpoint)
     if loras:  # read and fitted to the checkpoint's headers before anything is written
         from hidream_export.model.checkpoint import locate_checkpoint
@@ -433,7 +454,9 @@ def build_pipeline(checkpoint: str | Path, variant: "str | Variant", out_dir: st
     with folder_lock(out_dir):
         # export_transformer reuses an up-to-date export (same checkpoint and settings, files intact) by itself.
         result = export_transformer(checkpoint, v, out_dir, moe=moe, target=target, dtype=dtype,
-                                    opset=transformer_opset, force=force, loras=loras, quiet=quiet)
+                                    opset=transformer_opset, force=force, loras=loras, quiet=quiet, quant=quant,
+                                    quant_block=quant_block, calibration=calibration,
+                                    ort_accuracy_level=ort_accuracy_level)
         if result.reused:
             log.info("transformer: %s is up to date; not exporting it again", out_dir / "transformer")
 

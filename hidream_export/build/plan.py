@@ -329,8 +329,21 @@ class BuildPlan:
         return "\n".join(lines)
 
 
+# FP8 tensor-core GEMMs start with Ada (8.9); INT4/INT8 weight-only dequantizes into the float GEMM anywhere.
+FP8_MIN_SM = 89
+
+
+def _check_quant(component: str, scheme: str, cc: str) -> None:
+    if scheme == "fp8" and cc.isdigit() and int(cc) < FP8_MIN_SM:
+        raise BuildPlanError(f"component {component!r} is FP8 (e4m3 Q/DQ): TensorRT runs FP8 GEMMs on compute "
+                             f"capability 8.9 or newer (Ada, Hopper), this plan is for sm{cc}; export without "
+                             f"--quant fp8 for this GPU")
+
+
 def _describe_flags(flags: Mapping) -> str:
     parts = ["strongly typed" if flags.get("strongly_typed") else "weakly typed"]
+    if flags.get("quant"):
+        parts.append(f"{flags['quant']} Q/DQ from the ONNX")
     if flags.get("refit"):
         parts.append("refit identical" if flags["refit"] == "identical" else "refittable")
     if flags.get("weight_stripped"):
@@ -439,6 +452,9 @@ def make_build_plan(manifest: "Manifest | Mapping[str, Any]", folder: str | Path
                  "weight_stripped": bool(weight_stripped and is_transformer), "opt_level": int(options.opt_level),
                  "workspace_bytes": workspace, "plugin_impl": plugin_impl if plugins else None,
                  "static_sizes": bool(options.static_sizes)}
+        if entry.quant is not None:  # only then, so unquantized engines keep their content keys
+            _check_quant(name, entry.quant.scheme, cc)
+            flags["quant"] = entry.quant.scheme
         profiles = _profiles(name, entry, transformer, options.static_sizes)
         prepared = None
         if plugins or getattr(entry, "moe_lowering", None) == "plugin":
@@ -475,6 +491,9 @@ def make_build_plan(manifest: "Manifest | Mapping[str, Any]", folder: str | Path
                      + ("data-dependent shapes (NonZero/ScatterND) that TensorRT builds slowly and fuses poorly"
                         if transformer.moe_lowering == "gather" else "every expert on every token")
                      + "; --moe plugin is the lowering made for TensorRT (one HiDreamMoE plugin node per layer)")
+    if any(e.flags.get("quant") == "fp8" for e in engines):
+        notes.append("FP8 engine: the ONNX carries e4m3 Q/DQ, so the strongly typed network runs those matmuls as FP8 "
+                     "GEMMs (compute capability 8.9+: Ada, Hopper); no precision flag is involved")
     if plugin_impl == "aot" and any(e.plugins for e in engines):
         notes.append("AOT plugin: a single-launch kernel that recomputes the expert gate/up products per output "
                      "tile (exact, slower than the JIT pipeline); the engine then needs no Python at runtime")

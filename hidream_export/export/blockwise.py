@@ -110,6 +110,11 @@ def _trace_part(name, module, args, dims, input_names, output_names, spec: Expor
 
         ort_moe.name_fused_weights(model, spec.config.num_routed_experts)  # fc1/fc2 in the op's layout
     weights = streaming.weightless_optimize(model)
+    if spec.quant is not None:
+        from hidream_export.quant.graph import quantize_graph
+        from hidream_export.quant.policy import transformer_quantizes
+
+        weights, _ = quantize_graph(model, weights, spec.quant, transformer_quantizes)
     if spec.moe == "plugin" and name in ("double", "single"):
         from hidream_export.moe import onnx_node
 

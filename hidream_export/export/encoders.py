@@ -204,7 +204,8 @@ def _sample_inputs(name: str, config) -> tuple:
 
 
 def export_encoder(name: str, folder: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
-                   opset: int = DEFAULT_OPSET, exporter: str = "auto", streaming: bool | None = None) -> dict:
+                   opset: int = DEFAULT_OPSET, exporter: str = "auto", streaming: bool | None = None,
+                   quant=None) -> dict:
     """Export text encoder `name` ("clip_l", "clip_g", "t5", "llama") from its model folder into out_dir.
 
     Writes out_dir/model.onnx + model.onnx.data (out_dir should be a fresh folder: the caller makes the
@@ -214,7 +215,9 @@ def export_encoder(name: str, folder: str | Path, out_dir: str | Path, *, dtype:
     safetensors and the exporter is not "torchscript": the graph is traced on fake tensors and the weights
     copied one tensor at a time (export/streaming.py), so the 16 GB Llama is never held in memory.
     streaming=False is the plain path (load, then torch.onnx.export); streaming=True insists on streaming.
-    With exporter "auto", a failing streaming export falls back to the plain path (recorded)."""
+    With exporter "auto", a failing streaming export falls back to the plain path (recorded).
+    quant (a hidream_export.quant QuantScheme, int8/int4): weight-only quantization of every linear layer,
+    done while the weights stream (T5 and Llama only; embeddings stay in `dtype`)."""
     import onnx
     import torch
     import transformers
@@ -228,12 +231,15 @@ def export_encoder(name: str, folder: str | Path, out_dir: str | Path, *, dtype:
                           f"not {name!r} with {exporter!r}")
     if exporter not in EXPORTERS:
         raise ExportError(f"--exporter {exporter!r} is not one of {EXPORTERS}")
+    if quant is not None and not streaming:
+        raise ExportError(f"--quant-encoders quantizes while the weights stream: {name} must be one of "
+                          f"{sorted(STREAMING)} with safetensors weights and the dynamo exporter")
     info: dict | None = None
     if streaming:
         try:
-            config, info = _export_streaming(name, folder, Path(out_dir), dtype=dtype, opset=opset)
+            config, info = _export_streaming(name, folder, Path(out_dir), dtype=dtype, opset=opset, quant=quant)
         except Exception as exc:  # noqa: BLE001 - "auto" falls back to the plain path, recorded
-            if exporter != "auto":
+            if exporter != "auto" or quant is not None:
                 raise
             line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             log.warning("streaming export of %s failed (%s); retrying with the plain path", name, line)
@@ -396,7 +402,7 @@ def _computed_buffer(module, name: str, dtype):
     return getattr(real, buffer).detach().clone()
 
 
-def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, opset: int):
+def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, opset: int, quant=None):
     """Trace on fake tensors, weightless-optimize, lay out, save the graph, stream the weights from the
     folder's safetensors. Returns (config, info) where info has exporter/opset/streaming/initializer_map."""
     import onnx_ir as ir
@@ -412,6 +418,12 @@ def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, ops
     onnx_program, config, module = trace_encoder_weightless(name, folder, dtype, opset)
     names = streaming.weightless_optimize(onnx_program.model)
     mapping = encoder_initializer_map(names, module, entries)
+    quantized, record = None, None
+    if quant is not None:
+        from hidream_export.quant import encoders as quant_encoders
+
+        names, quantized, record = quant_encoders.quantize_encoder(onnx_program.model, names, mapping, entries, quant,
+                                                                  dtype)
     slots = streaming.layout(onnx_program.model, names, DATA_NAME)
     onnx_path, data_path, journal = out_dir / ONNX_NAME, out_dir / DATA_NAME, out_dir / streaming.JOURNAL
     streaming.save_graph(onnx_program.model, onnx_path)
@@ -419,10 +431,12 @@ def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, ops
     torch_of = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
                 ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.DOUBLE: torch.float64,
                 ir.DataType.INT64: torch.int64, ir.DataType.INT32: torch.int32, ir.DataType.BOOL: torch.bool}
-    slot_dtype = {s.name: torch_of[s.dtype] for s in slots}
+    slot_dtype = {s.name: torch_of[s.dtype] for s in slots if s.dtype in torch_of}  # quantized: QuantFetch
     tdtype = torch_dtype(dtype)
 
     def fetch(init: str):
+        if quantized is not None and (found := quantized(init)) is not None:
+            return streaming.TensorPieces(found[0], [found[1]])
         source = mapping[init]
         if source.startswith("computed:"):
             return _computed_buffer(module, init, tdtype).to(slot_dtype[init])
@@ -439,4 +453,7 @@ def _export_streaming(name: str, folder: Path, out_dir: Path, *, dtype: str, ops
     if not data_path.exists():
         data_path.write_bytes(b"")
     check_saved(onnx_path)
-    return config, {"exporter": "dynamo", "opset": opset, "streaming": True, "initializer_map": mapping}
+    info = {"exporter": "dynamo", "opset": opset, "streaming": True, "initializer_map": mapping}
+    if record is not None:
+        info["quant"] = record
+    return config, info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hidream_export.quant.scheme import QuantScheme
 from hidream_export.signature import (BatchRange, TransformerSignature, trace_size, transformer_signature)
 from hidream_export.variants import SIZE_MULTIPLE, TEXT_LENGTH, VAE_SCALE, SizeRange, Variant
 
@@ -23,6 +24,7 @@ class ExportSpec:
     opset: int
     moe: str  # the MoE lowering (hidream_export.model.lowerings)
     target: str = "tensorrt"  # the runtime the graph is shaped for (hidream_export.export.targets)
+    quant: QuantScheme | None = None  # quantized linear weights (hidream_export.quant), None: all in `dtype`
 
     @property
     def torch_dtype(self):
@@ -64,6 +66,8 @@ class ExportSpec:
                "size_range": self.size_range.to_dict(), "batch": self.batch.to_dict()}
         if self.target != "tensorrt":  # so folders exported before targets existed keep their settings
             key["target"] = self.target
+        if self.quant is not None:  # absent for float exports, so their keys (and caches) stay as they were
+            key["quant"] = self.quant.to_key()
         return key
 
 

@@ -42,6 +42,7 @@ from hidream_export.lora import EXPORT_NUMPY_DTYPES, LoraSet, load_loras
 from hidream_export.manifest import (MANIFEST_NAME, FileRecord, Manifest, PluginRequirement, TensorSpec,
                                      TransformerComponent)
 from hidream_export.model.lowerings import EXPORT_LOWERINGS
+from hidream_export.quant.scheme import QuantScheme
 from hidream_export.signature import (EXPORT_DTYPES, INPUT_NAMES, MAX_IMAGES_PER_PROMPT, OUTPUT_NAMES, batch_range,
                                       resolve_size_range)
 from hidream_export.variants import Variant, get_variant
@@ -189,16 +190,15 @@ def _intact(out_dir: Path, manifest: Manifest) -> bool:
     return True
 
 
-def plan_transformer_export(config, dtype: str, moe: str, out_dir: Path, action: str = "export") -> ExportPlan:
+def plan_transformer_export(config, dtype: str, moe: str, out_dir: Path, action: str = "export",
+                            quant: QuantScheme | None = None) -> ExportPlan:
     """The files, sizes and initializer count an export writes (see ExportPlan)."""
-    import math
-
     from hidream_export.model.checkpoint import expected_shapes
+    from hidream_export.quant.export import weight_bytes
 
-    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
     shapes = expected_shapes(config)
     computed = 4  # cos/sin tables of the two spatial axes
-    weights = sum(math.prod(s) for s in shapes.values()) * itemsize
+    weights = weight_bytes(shapes, dtype, quant)
     if moe == "ort":  # each MoE layer's 3E expert tensors become two stacks (fc1, fc2): same bytes
         stacked = [k for k in shapes if ".experts." in k]
         shapes = {k: v for k, v in shapes.items() if k not in stacked}
@@ -235,8 +235,9 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
                        moe: str = "gather", target: str | None = None, dtype: str = "fp32",
                        opset: int | None = None, min_size=None, max_size=None, opt_size=None, config=None,
                        max_images: int = MAX_IMAGES_PER_PROMPT, force: bool = False, streaming: bool = True,
-                       loras: Sequence = (), dry_run: bool = False, quiet: bool = True,
-                       verbose: bool = False) -> ExportResult:
+                       loras: Sequence = (), dry_run: bool = False, quiet: bool = True, verbose: bool = False,
+                       quant: str | None = None, quant_block: int | None = None,
+                       calibration: str | Path | None = None, ort_accuracy_level: int | None = None) -> ExportResult:
     """Export a checkpoint's transformer for `variant` into OUT/transformer and OUT/manifest.json.
 
     target: "tensorrt" or "onnxruntime" (hidream_export.export.targets; default: onnxruntime for --moe ort,
@@ -247,9 +248,13 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
 
     loras: LoRAs fused into the weights (`--lora FILE[:SCALE]`: paths, (path, scale) pairs or
     hidream_export.lora.LoraRequest), each checked against the checkpoint before anything is written;
-    another set of LoRAs (by content and scale) is another export.
+    another set of LoRAs (by content and scale) is another export. With quant, the fused weights are what
+    is quantized.
+    quant ("int8", "int4", "fp8"), quant_block, calibration (fp8's amax.json) and ort_accuracy_level (the
+    MatMulNBits compute ONNX Runtime uses): see hidream_export.quant.
     """
-    from hidream_export.model.checkpoint import check_keys, locate_checkpoint
+    from hidream_export.model.checkpoint import check_keys, expected_shapes, locate_checkpoint
+    from hidream_export.quant import export as quant_export
 
     v = get_variant(variant)
     if moe not in EXPORT_LOWERINGS:
@@ -257,7 +262,6 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {EXPORT_DTYPES}")
     target, opset = resolve_target(target, moe, None if opset is None else check_opset(opset))
-    opset = check_opset(opset)
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir) if out_dir else v.default_out_dir
     with model_errors():
@@ -266,31 +270,39 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
     check_variant_matches_checkpoint(checkpoint, v)
     lora_set = checkpoint_loras(ckpt, loras)
     cfg = ckpt.config
+    q, opset = quant_export.resolve(quant, quant_block, calibration, shapes=expected_shapes(cfg), moe=moe,
+                                    opset=opset, streaming=streaming, ort_accuracy_level=ort_accuracy_level)
+    opset = check_opset(opset)
     spec = ExportSpec(cfg, v, resolve_size_range(v, cfg, min_size, max_size, opt_size),
-                      batch_range(v, max_images), dtype, opset, moe, target)
+                      batch_range(v, max_images), dtype, opset, moe, target, q.scheme if q else None)
     settings = {**spec.to_key(), "streaming": streaming}
     if lora_set:  # only then, so exports without LoRAs keep their settings key
         settings["loras"] = lora_set.identity()
     sources = ckpt.files + ([ckpt.config_file] if ckpt.config_file else [])
+    checkpoint_hash = None
+    if q and q.calibration:  # before anything is written: ranges measured on another checkpoint are refused
+        checkpoint_hash = sha256_files(sources)
+        q.calibration.check_checkpoint(checkpoint_hash)
     check_out_dir(out_dir, [checkpoint if checkpoint.is_dir() else checkpoint.parent], create=not dry_run)
     if dry_run:
         action = "export"
         if Manifest.read(out_dir, required=False) is not None:
-            checkpoint_hash = sha256_files(sources)
+            checkpoint_hash = checkpoint_hash or sha256_files(sources)
             key = settings_key(**settings, checkpoint=checkpoint_hash, version=own_version(), torch=_torch_version())
             manifest, prior = _manifest_for(out_dir, v, checkpoint_hash, settings, force)
             if prior is not None:
                 action = "reuse" if not force and prior.settings_key == key and _intact(out_dir, manifest) else "replace"
-        return ExportResult(out_dir, "planned", plan=plan_transformer_export(cfg, dtype, moe, out_dir, action))
+        return ExportResult(out_dir, "planned", plan=plan_transformer_export(cfg, dtype, moe, out_dir, action,
+                                                                              spec.quant))
     with folder_lock(out_dir):
-        checkpoint_hash = sha256_files(sources)
+        checkpoint_hash = checkpoint_hash or sha256_files(sources)
         key = settings_key(**settings, checkpoint=checkpoint_hash, version=own_version(), torch=_torch_version())
         manifest, prior = _manifest_for(out_dir, v, checkpoint_hash, settings, force)
         if prior is not None and not force and prior.settings_key == key and _intact(out_dir, manifest):
             return ExportResult(out_dir, "reused", prior)
         _remove_stale_partials(out_dir, keep=None if force else key)
         partial = out_dir / f"{PARTIAL_PREFIX}{key}"
-        plan = plan_transformer_export(cfg, dtype, moe, out_dir)
+        plan = plan_transformer_export(cfg, dtype, moe, out_dir, quant=spec.quant)
         _check_disk(out_dir, plan.bytes - _partial_bytes(partial))
 
         t0 = time.perf_counter()
@@ -302,7 +314,7 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
             tmp = staged_dir(out_dir, "transformer")
         try:
             if streaming:
-                initializer_map = _export_streaming(ckpt, tmp, spec, key, quiet, lora_set)
+                initializer_map = _export_streaming(ckpt, tmp, spec, key, quiet, lora_set, q)
             else:
                 initializer_map = _export_plain(checkpoint, ckpt, config, tmp, spec, verbose, lora_set)
             initializers = _finish_graph(tmp)
@@ -317,7 +329,7 @@ def export_transformer(checkpoint: str | Path, variant: "str | Variant", out_dir
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         component = _component(spec, files, initializers, initializer_map, streaming, key, settings, checkpoint,
-                               checkpoint_hash, seconds)
+                               checkpoint_hash, seconds, q)
         component.loras = lora_set.records()
         manifest.variant = v
         manifest.components["transformer"] = component
@@ -363,9 +375,12 @@ def _finish_graph(tmp: Path) -> int:
 
 
 def _component(spec: ExportSpec, files, initializers: int, initializer_map: dict, streaming: bool, key: str,
-               settings: dict, checkpoint: Path, checkpoint_hash: str, seconds: float) -> TransformerComponent:
+               settings: dict, checkpoint: Path, checkpoint_hash: str, seconds: float, q=None) -> TransformerComponent:
     import onnx
+    import onnxruntime
     import torch
+
+    from hidream_export.quant.export import record
 
     sig = spec.signature
     plugin = None
@@ -384,6 +399,7 @@ def _component(spec: ExportSpec, files, initializers: int, initializer_map: dict
         batch_multiple=sig.batch_multiple,
         size_range=sig.size_range, max_seq=sig.max_seq, config=spec.config.to_dict(), initializers=initializers,
         initializer_map=initializer_map, streaming=streaming, settings_key=key, plugin=plugin,
+        quant=record(q, initializer_map, onnxruntime.__version__) if q else None,
         extra={"settings": settings,
                "cleanup": ["onnxscript optimizer (constant folding, dead-node removal)", "onnx shape inference",
                            "onnx.checker (path-based)"],
@@ -421,7 +437,7 @@ def _export_plain(checkpoint: Path, ckpt, config, tmp: Path, spec: ExportSpec, v
     return {n: n for n in names if n in keys}
 
 
-def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, lora_set: LoraSet) -> dict:
+def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, lora_set: LoraSet, q=None) -> dict:
     """Trace block by block on fake tensors (blockwise.py), write the graph with external references,
     stream the weights; resume a previous run with the same key when its files check out."""
     import torch
@@ -429,6 +445,7 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
     from hidream_export.export import blockwise, streaming
     from hidream_export.model.checkpoint import read_tensor_chunks
     from hidream_export.model.embeddings import RopeTables
+    from hidream_export.quant.export import initializer_source, source_key
 
     fused_weight = _fused_weights(spec)
     onnx_path, data_path, journal = tmp / ONNX_NAME, tmp / DATA_NAME, tmp / streaming.JOURNAL
@@ -438,12 +455,12 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
             remove_tree(p)
         slots = blockwise.export_graph(spec, onnx_path, DATA_NAME)
         fused = {s.name: fused_weight(s.name) for s in slots if fused_weight(s.name) is not None}
-        unknown = [s.name for s in slots
-                   if s.name not in ckpt.entries and s.name not in fused and not s.name.startswith("rope.")]
+        unknown = [s.name for s in slots if source_key(s.name) not in ckpt.entries and s.name not in fused
+                   and not s.name.startswith("rope.")]
         if unknown:
             raise ExportError(f"traced graph has initializers with no source in the checkpoint: {unknown[:5]}")
         sources = {k for f in fused.values() for keys in f.sources for k in keys}
-        unused = sorted(set(ckpt.entries) - {s.name for s in slots} - sources)
+        unused = sorted(set(ckpt.entries) - {source_key(s.name) for s in slots} - sources)
         if unused:  # a weight the graph never reads: the export would silently drop part of the model
             raise ExportError(f"{len(unused)} checkpoint tensors have no place in the traced graph: {unused[:5]}")
         start = 0
@@ -451,9 +468,9 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
     rope = RopeTables(spec.config.axes_dims_rope, spec.max_positions, "float32")
     tdtype = spec.torch_dtype
 
-    def pieces(entry):
+    def pieces(entry, dtype=tdtype):
         with open(entry.file, "rb") as fh:
-            yield from read_tensor_chunks(fh, entry, tdtype)
+            yield from read_tensor_chunks(fh, entry, dtype)
 
     def float32_values(entry):
         with open(entry.file, "rb") as fh:
@@ -462,12 +479,28 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
 
     lora_keys = set(lora_set.keys)
     out_dtype = EXPORT_NUMPY_DTYPES[spec.dtype]
+
+    def float32_weight(name: str):
+        # Quantized from float32 whatever the export dtype (a bf16 checkpoint's values exactly), LoRAs fused first.
+        entry = ckpt.entries[name]
+        if name in lora_keys:
+            return entry.shape, lora_set.fuse_pieces(name, entry.shape, float32_values(entry), np.float32)
+        return entry.shape, pieces(entry, torch.float32)
+
+    quantized = None
+    if q is not None:
+        from hidream_export.quant.weights import QuantFetch
+
+        quantized = QuantFetch(q.scheme, spec.dtype, float32_weight, lambda module: f"{module}.weight", q.calibration)
+
     def fused_pieces(sources):
         for keys in sources:  # one expert after the other
             entries = [ckpt.entries[k] for k in keys]
             yield from (pieces(entries[0]) if len(entries) == 1 else _interleaved_rows(*entries, tdtype))
 
     def fetch(name: str):
+        if quantized is not None and (found := quantized(name)) is not None:
+            return streaming.TensorPieces(found[0], [found[1]])
         if name.startswith("rope."):
             return getattr(rope, name.split(".", 1)[1]).to(torch.float32)
         fused = fused_weight(name)
@@ -485,7 +518,8 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
 
     streaming.stream_weights(data_path, slots, fetch, journal, start=start, quiet=quiet,
                              journal_base={"key": key, "graph_done": True})
-    return {s.name: (s.name if s.name in ckpt.entries else f"computed:{s.name}") for s in slots}
+    return {s.name: (s.name if s.name in ckpt.entries else
+                     initializer_source(s.name, spec.quant) or f"computed:{s.name}") for s in slots}
 
 
 def _fused_weights(spec: ExportSpec):

@@ -280,6 +280,8 @@ class OrtBackend(Backend):
             raise ManifestError(f"the ort backend runs ONNX components, not kind {entry.kind!r} ({path})")
         check_providers(entry, self.providers, str(path))  # before a session: one line, not INVALID_GRAPH
         options = self.session_options()
+        for key, value in (entry.quant.ort_session_config() if entry.quant else {}).items():
+            options.add_session_config_entry(key, value)  # e.g. the MatMulNBits compute the export chose
         values = [self._ortvalue(v) for v in (initializers or {}).values()]
         if values:  # external-data initializers only (every exported transformer weight is one)
             options.add_external_initializers(list(initializers), values)
