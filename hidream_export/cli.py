@@ -417,7 +417,7 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant", choices=SCHEMES, default=None,
                    help="int8/int4: weight-only, block-wise symmetric; fp8: e4m3 Q/DQ (needs --calibration)")
     g.add_argument("--quant-block", type=int, choices=BLOCK_SIZES, default=None,
-                   help="int8/int4 block along the input dimension (default 128 for int8, 64 for int4)")
+                   help="int8/int4 block along the input dimension (default 32 for int8, 64 for int4)")
     g.add_argument("--calibration", metavar="AMAX.json", default=None,
                    help="fp8 activation ranges written by `hidream-export calibrate` for this checkpoint")
     g.add_argument("--ort-accuracy-level", type=int, choices=ORT_ACCURACY_LEVELS, default=None,
