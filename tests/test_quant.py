@@ -142,6 +142,31 @@ def tiny_q(tmp_path_factory):
     return root / "ckpt", root / "int8"
 
 
+def test_bf16_export_stores_the_fp32_exports_codes_and_its_scales_in_bf16(tiny_q, tmp_path):
+    """A bf16 export (the size baseline's dtype) quantizes the same: identical codes, and the scales are
+    the fp32 export's rounded to bfloat16 by ml_dtypes (the oracle for the cast)."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    ckpt, folder = tiny_q
+    export_transformer(ckpt, "dev", tmp_path / "bf16", dtype="bf16", quant="int8", quant_block=32)
+
+    def tensors(root):
+        model = onnx.load(root / "transformer" / "model.onnx")  # external data read from beside the file
+        return {t.name: t for t in model.graph.initializer if t.name.endswith((".qweight", ".weight_scale"))}
+
+    want, got = tensors(folder), tensors(tmp_path / "bf16")
+    assert want and set(got) == set(want)
+    for name, tensor in got.items():
+        if name.endswith(".qweight"):
+            assert np.array_equal(numpy_helper.to_array(tensor), numpy_helper.to_array(want[name])), name
+        else:
+            assert tensor.data_type == onnx.TensorProto.BFLOAT16, name
+            bits = np.frombuffer(tensor.raw_data, np.uint16)
+            expected = numpy_helper.to_array(want[name]).astype(ml_dtypes.bfloat16).view(np.uint16).reshape(-1)
+            assert np.array_equal(bits, expected), name
+
+
 def test_int8_export_meets_its_bounds_against_the_fp32_reference(tiny_q):
     ckpt, folder = tiny_q
     report = compare_onnx(ckpt, folder / "transformer" / "model.onnx", sizes=["256x256"], timesteps="recipe")

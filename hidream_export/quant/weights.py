@@ -183,4 +183,5 @@ class QuantFetch:
 
 
 def _bytes(array: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    # As raw bytes: the buffer protocol knows no bfloat16 (ml_dtypes' scales in a bf16 export).
+    return memoryview(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
