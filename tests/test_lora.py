@@ -30,6 +30,8 @@ from hidream_export.errors import CheckpointInputError, ExportError, RequestErro
 from hidream_export.export.transformer import export_transformer
 from hidream_export.lora import LoraFile, LoraRequest, load_loras
 from hidream_export.manifest import LoraRecord, Manifest, TrtEngineComponent
+from hidream_export.model.moe import swiglu_fused_rows
+from hidream_export.moe.ort_layout import fused_weight
 from hidream_export.runtime import OrtBackend
 from hidream_export.runtime.lora import FolderWeights, engine_refit_weights, resolve
 from hidream_export.testing.loras import DETAIL_MODULES, LAYOUTS, STYLE_MODULES, random_factors, write_lora
@@ -243,8 +245,9 @@ def test_a_plain_export_that_stacks_experts_refuses_load_time_loras(fused, loras
 
 
 def test_an_export_that_rearranges_weights_refuses_load_time_loras(loras, base):
-    """A lowering that stores some expert under another initializer (as an interleaving one would) cannot take
-    a LoRA on it at load time: one line saying to fuse it at build time, not that the model lacks it."""
+    """An export that stores some expert under an initializer the runtime cannot place (neither its checkpoint
+    key nor an `ort` expert stack) cannot take a LoRA on it at load time: one line saying to fuse it at build
+    time, not that the model lacks it."""
     folder = base[0]
     manifest = Manifest.read(folder)
     expert = f"{STYLE_MODULES[3]}.weight"
@@ -253,6 +256,74 @@ def test_an_export_that_rearranges_weights_refuses_load_time_loras(loras, base):
     with pytest.raises(RequestError, match=r"1 LoRA module weight\(s\) .*experts.0.w1.*fuse the LoRA at build time"):
         resolve(folder, manifest, [(loras["style-diffusers"], 1.0)])
     resolve(folder, manifest, [(loras["detail-diffusers"], 1.0)])  # LoRAs on other weights still apply
+
+
+# ---- the `ort` lowering: experts in interleaved fc1/fc2 stacks --------------------------------------------
+
+# style + detail touch routed experts' w1, w2 and w3 (fc1's even rows, fc2, fc1's odd rows) besides attention,
+# shared experts, the text feed-forward and adaLN.
+STACKED = [("style-diffusers", 0.8), ("detail-non-diffusers", -0.6)]
+
+
+def test_expert_rows_are_where_swiglu_fused_rows_puts_them():
+    """ort_layout's map (checkpoint key -> rows of a stack) against the model's own fc1/fc2 construction."""
+    E, I, D = 3, 5, 4
+    w = {f"l.experts.{e}.{p}.weight": torch.randn(*((D, I) if p == "w2" else (I, D))) for e in range(E)
+         for p in ("w1", "w2", "w3")}
+    fc1 = swiglu_fused_rows(torch.stack([w[f"l.experts.{e}.w1.weight"] for e in range(E)]),
+                            torch.stack([w[f"l.experts.{e}.w3.weight"] for e in range(E)])).numpy()
+    fc2 = torch.stack([w[f"l.experts.{e}.w2.weight"] for e in range(E)]).numpy()
+    stacks = {"l.experts.fc1_experts_weights": fc1, "l.experts.fc2_experts_weights": fc2}
+    places = {**fused_weight("l.experts.fc1_experts_weights", E).rows(),
+              **fused_weight("l.experts.fc2_experts_weights", E).rows()}
+    assert sorted(places) == sorted(w)
+    for key, at in places.items():
+        np.testing.assert_array_equal(stacks[at.name][at.expert, at.part::at.parts], w[key].numpy())
+    assert fused_weight("l.experts.0.w1.weight", E) is None
+
+
+@pytest.fixture(scope="module")
+def ort_oracle(loras, tiny_export, tiny_transformer_dir):
+    """(base `ort` folder, its output without LoRA, feed, diffusers' output with the STACKED LoRAs)."""
+    folder, _ = tiny_export("ort")
+    plain, feed = run_export(folder)
+    ref = diffusers_output(diffusers_transformer(
+        tiny_transformer_dir, [(*oracle_file(loras, name), scale) for name, scale in STACKED]), feed)
+    return folder, plain, feed, ref
+
+
+def test_ort_experts_take_loras_at_load(loras, ort_oracle, record_property):
+    folder, plain, feed, ref = ort_oracle
+    update = resolve(folder, Manifest.read(folder), [(loras[name], scale) for name, scale in STACKED])
+    stacks = {n for n in update.initializers if n.endswith("_experts_weights")}
+    assert stacks == {"double_stream_blocks.0.block.ff_i.experts.fc1_experts_weights",
+                      "double_stream_blocks.0.block.ff_i.experts.fc2_experts_weights",
+                      "double_stream_blocks.1.block.ff_i.experts.fc2_experts_weights",
+                      "single_stream_blocks.0.block.ff_i.experts.fc1_experts_weights",
+                      "single_stream_blocks.1.block.ff_i.experts.fc1_experts_weights"}
+    ours, _ = run_export(folder, update.initializers)
+    record_property("max_rel_err", rel(ours, ref))
+    assert rel(ours, ref) <= RTOL
+    assert rel(plain, ref) > GUARD
+    # Guard: without the experts' stacks the output misses the oracle by far more than the tolerance.
+    rest, _ = run_export(folder, {n: v for n, v in update.initializers.items() if n not in stacks})
+    assert rel(rest, ref) > 100 * RTOL
+
+
+def test_ort_experts_take_loras_fused_at_build(loras, ort_oracle, tiny_transformer_dir, tmp_path):
+    folder, plain, feed, ref = ort_oracle
+    result = export_transformer(tiny_transformer_dir, "full", tmp_path, moe="ort",
+                                loras=[(loras[name], scale) for name, scale in STACKED])
+    assert result.component.moe_lowering == "ort" and len(result.component.loras) == 2
+    ours, _ = run_export(tmp_path)
+    assert rel(ours, ref) <= RTOL
+    # Guard on the stacks themselves: a LoRA'd expert's rows changed, an untouched expert's did not.
+    mine, theirs = (FolderWeights.of(f, Manifest.read(f)) for f in (tmp_path, folder))
+    fc1 = "single_stream_blocks.1.block.ff_i.experts.fc1_experts_weights"
+    new, old = mine.value(fc1), theirs.value(fc1)
+    assert not np.array_equal(new[3, 1::2], old[3, 1::2])  # experts.3.w3: style
+    np.testing.assert_array_equal(new[3, 0::2], old[3, 0::2])  # experts.3.w1: no LoRA
+    np.testing.assert_array_equal(new[:3], old[:3])
 
 
 # ---- refusals ---------------------------------------------------------------------------------------------

@@ -468,14 +468,13 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
     rope = RopeTables(spec.config.axes_dims_rope, spec.max_positions, "float32")
     tdtype = spec.torch_dtype
 
-    def pieces(entry, dtype=tdtype):
+    def pieces(entry, dtype=tdtype, chunk_bytes: int | None = None):
         with open(entry.file, "rb") as fh:
-            yield from read_tensor_chunks(fh, entry, dtype)
+            yield from read_tensor_chunks(fh, entry, dtype, *([chunk_bytes] if chunk_bytes else []))
 
-    def float32_values(entry):
-        with open(entry.file, "rb") as fh:
-            for piece in read_tensor_chunks(fh, entry, torch.float32):
-                yield np.frombuffer(piece, dtype=np.float32)
+    def float32_values(entry, chunk_bytes: int | None = None):
+        for piece in pieces(entry, torch.float32, chunk_bytes):
+            yield np.frombuffer(piece, dtype=np.float32)
 
     lora_keys = set(lora_set.keys)
     out_dtype = EXPORT_NUMPY_DTYPES[spec.dtype]
@@ -493,10 +492,27 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
 
         quantized = QuantFetch(q.scheme, spec.dtype, float32_weight, lambda module: f"{module}.weight", q.calibration)
 
+    def weight_pieces(key: str, rows: int | None = None):
+        """Checkpoint weight `key` in the export dtype, its LoRA delta added (in float32, one cast) if a LoRA
+        changes it; with `rows`, in blocks of that many whole rows (else ~8 MiB pieces)."""
+        entry = ckpt.entries[key]
+        if key not in lora_keys:
+            return pieces(entry, tdtype, rows and rows * _row_bytes(entry, tdtype))
+        values = float32_values(entry, rows and rows * _row_bytes(entry, torch.float32))
+        return lora_set.fuse_pieces(key, entry.shape, values, out_dtype)
+
     def fused_pieces(sources):
         for keys in sources:  # one expert after the other
-            entries = [ckpt.entries[k] for k in keys]
-            yield from (pieces(entries[0]) if len(entries) == 1 else _interleaved_rows(*entries, tdtype))
+            if len(keys) == 1:
+                yield from weight_pieces(keys[0])
+                continue
+            a, b = (ckpt.entries[k] for k in keys)
+            if a.shape != b.shape or len(a.shape) != 2:
+                raise ExportError(f"{a.key} {a.shape} and {b.key} {b.shape}: expected two matrices of one shape to "
+                                  f"interleave")
+            rows = _interleave_rows(a, b)
+            yield from _interleaved(weight_pieces(keys[0], rows), weight_pieces(keys[1], rows), rows, a.shape[1],
+                                    tdtype)
 
     def fetch(name: str):
         if quantized is not None and (found := quantized(name)) is not None:
@@ -510,11 +526,7 @@ def _export_streaming(ckpt, tmp: Path, spec: ExportSpec, key: str, quiet: bool, 
             return streaming.TensorPieces(shape, fused_pieces(fused.sources))
         # In pieces: the largest tensor (150 MiB in the real model) is never held whole, so peak memory
         # does not grow with the model's widths either.
-        entry = ckpt.entries[name]
-        if name in lora_keys:  # base + LoRA delta in float32, one cast; still piece by piece
-            return streaming.TensorPieces(entry.shape, lora_set.fuse_pieces(name, entry.shape, float32_values(entry),
-                                                                            out_dtype))
-        return streaming.TensorPieces(entry.shape, pieces(entry))
+        return streaming.TensorPieces(ckpt.entries[name].shape, weight_pieces(name))
 
     streaming.stream_weights(data_path, slots, fetch, journal, start=start, quiet=quiet,
                              journal_base={"key": key, "graph_done": True})
@@ -527,30 +539,39 @@ def _fused_weights(spec: ExportSpec):
     the `ort` lowering's fc1/fc2 stacks."""
     if spec.moe != "ort":
         return lambda name: None
-    from hidream_export.moe import ort_moe
+    from hidream_export.moe import ort_layout
 
-    return lambda name: ort_moe.fused_weight(name, spec.config.num_routed_experts)
+    return lambda name: ort_layout.fused_weight(name, spec.config.num_routed_experts)
 
 
-def _interleaved_rows(a, b, dtype, chunk_bytes: int = 4 * 2**20):
-    """The bytes of `swiglu_fused_rows(A, B)` for two (rows, cols) checkpoint tensors, a block of whole rows
-    of each at a time, into one reused buffer (so memory is two blocks and their interleaving, never a whole
-    tensor). Each piece is a view of that buffer: consume it before asking for the next one."""
+def _row_bytes(entry, dtype) -> int:
+    """Bytes per row as `read_tensor_chunks` counts them reading `entry` as `dtype`: a chunk of k times
+    this is exactly k whole rows."""
+    from hidream_export.model.checkpoint import DTYPES
+
+    return entry.shape[-1] * max(DTYPES[entry.dtype].itemsize, dtype.itemsize)
+
+
+def _interleave_rows(a, b, chunk_bytes: int = 4 * 2**20) -> int:
+    """Rows of each of two tensors interleaved at a time: blocks of about `chunk_bytes` however they are read
+    (float32 for a weight a LoRA changes), so memory is two blocks and their interleaving, never a whole
+    tensor."""
+    import torch
+
+    return max(1, chunk_bytes // max(_row_bytes(a, torch.float32), _row_bytes(b, torch.float32)))
+
+
+def _interleaved(pieces_a, pieces_b, rows: int, cols: int, dtype):
+    """The bytes of `swiglu_fused_rows(A, B)` from two tensors' bytes in `dtype`, given as blocks of the same
+    whole rows, into one reused buffer. Each piece is a view of that buffer: consume it before asking for
+    the next one."""
     import torch
 
     from hidream_export.export.streaming import tensor_bytes
-    from hidream_export.model.checkpoint import DTYPES, read_tensor_chunks
     from hidream_export.model.moe import swiglu_fused_rows
 
-    if a.shape != b.shape or len(a.shape) != 2:
-        raise ExportError(f"{a.key} {a.shape} and {b.key} {b.shape}: expected two matrices of one shape to interleave")
-    cols = a.shape[1]
-    row_bytes = cols * max(DTYPES[a.dtype].itemsize, DTYPES[b.dtype].itemsize, dtype.itemsize)
-    rows = max(1, chunk_bytes // row_bytes)
     fused = torch.empty(rows, 2, cols, dtype=dtype)
-    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:  # whole rows: both readers cut at the same row
-        for pa, pb in zip(read_tensor_chunks(fa, a, dtype, rows * row_bytes),
-                          read_tensor_chunks(fb, b, dtype, rows * row_bytes)):
-            rows_a = torch.frombuffer(pa, dtype=dtype).view(-1, cols)
-            rows_b = torch.frombuffer(pb, dtype=dtype).view(-1, cols)
-            yield tensor_bytes(swiglu_fused_rows(rows_a, rows_b, out=fused[:len(rows_a)]))
+    for pa, pb in zip(pieces_a, pieces_b, strict=True):
+        rows_a = torch.frombuffer(pa, dtype=dtype).view(-1, cols)
+        rows_b = torch.frombuffer(pb, dtype=dtype).view(-1, cols)
+        yield tensor_bytes(swiglu_fused_rows(rows_a, rows_b, out=fused[:len(rows_a)]))

@@ -17,13 +17,11 @@ the op's maths in plain torch (the eager and oracle path); the fake lets torch.e
 Streaming export: the trace stacks each layer's per-expert weights into fc1/fc2 with graph ops; on a
 weightless graph those cannot fold, so `name_fused_weights` replaces each stacked value by one external
 initializer named after the op input it feeds (`<layer>.experts.fc1_experts_weights`), and the export
-streams its bytes from the per-expert checkpoint tensors (`fused_weight` says which, in which order).
+streams its bytes from the per-expert checkpoint tensors (hidream_export/moe/ort_layout.py says which, in
+which order, and where each lies in the stack).
 """
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass
 
 import onnx
 import torch
@@ -32,6 +30,7 @@ from torch.nn import functional as F
 
 from hidream_export.errors import ExportError
 from hidream_export.model.moe import gather_experts
+from hidream_export.moe.ort_layout import FC1, FC2, fused_weight
 
 DOMAIN = "com.microsoft"
 DOMAIN_VERSION = 1
@@ -41,7 +40,6 @@ TORCH_OP = "ort::MoE"  # torch.ops.ort.MoE
 INPUT_NAMES = ("input", "router_probs", "fc1_experts_weights", "fc1_experts_bias", "fc2_experts_weights",
                "fc2_experts_bias", "fc3_experts_weights", "fc3_experts_bias")
 OPTIONAL_INPUTS = frozenset({"fc1_experts_bias", "fc2_experts_bias", "fc3_experts_weights", "fc3_experts_bias"})
-FC1, FC2 = "fc1_experts_weights", "fc2_experts_weights"
 
 # The SwiGLU clamp is min(g, limit) on the gate and clip(u, -limit, limit) on the up projection. The
 # largest finite float32 makes both the identity on every finite value of every export dtype (fp16 tops
@@ -112,30 +110,6 @@ def translation_table() -> dict:
 
 
 # ---- fused weights in the streaming export -------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FusedWeight:
-    """One fc1/fc2 initializer and the checkpoint tensors it is made of, per expert in order:
-    (w1, w3) row-interleaved for fc1, (w2,) for fc2."""
-
-    name: str
-    input: str  # FC1 or FC2
-    sources: tuple[tuple[str, ...], ...]
-
-
-_FUSED = re.compile(rf"^(?P<layer>.+\.experts)\.(?P<input>{FC1}|{FC2})$")
-
-
-def fused_weight(name: str, num_experts: int) -> FusedWeight | None:
-    """The sources of a fused initializer name (None for any other name)."""
-    match = _FUSED.match(name)
-    if match is None:
-        return None
-    layer, which = match["layer"], match["input"]
-    parts = ("w1", "w3") if which == FC1 else ("w2",)
-    return FusedWeight(name, which, tuple(tuple(f"{layer}.{e}.{p}.weight" for p in parts)
-                                          for e in range(num_experts)))
-
 
 def name_fused_weights(model, num_experts: int) -> list[str]:
     """Give every MoE node's fc1/fc2 input its own value-less initializer (in place), so the streaming

@@ -11,11 +11,13 @@ in float32, and the results handed to the backend as replacements for those init
   engine weight); weights a previous LoRA changed and the new set does not are refit back to the folder's
   values. Needs an engine built refittable (`--refit true`, the default).
 
-The initializers are found through the manifest's initializer_map (ONNX initializer -> checkpoint key),
-so this works for every MoE lowering whose export keeps checkpoint weights as initializers of their own
-(every streaming export does). A weight an export rearranged (a plain `--no-streaming` export may fold or
-stack weights under generated names, e.g. the `plugin` lowering's stacked experts) is refused in one line
-saying to fuse the LoRA at build time instead.
+The initializers are found through the manifest's initializer_map (ONNX initializer -> checkpoint key).
+Every streaming export keeps each checkpoint weight as an initializer of its own, except the `ort`
+lowering's routed experts, which live in per-layer stacks (hidream_export/moe/ort_layout.py): a LoRA on an
+expert there changes its rows of a copy of the whole stack (w1/w3 de-interleaved from fc1, w2 from fc2),
+and the stack is replaced. A weight an export rearranged otherwise (a plain `--no-streaming` export may
+fold or stack weights under generated names, e.g. the `plugin` lowering's stacked experts) is refused in
+one line saying to fuse the LoRA at build time instead.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 from hidream_export.errors import RequestError
 from hidream_export.lora import LoraSet, load_loras
 from hidream_export.manifest import LoraRecord, Manifest, TrtEngineComponent, TransformerComponent
+from hidream_export.moe.ort_layout import ExpertRows, fused_weight
 from hidream_export.runtime.weights import Initializer, initializer_value, read_initializers
 
 __all__ = ["AppliedLoras", "FolderWeights", "LoraUpdate", "engine_refit_weights", "resolve"]
@@ -62,6 +65,7 @@ class FolderWeights:
     entry: TransformerComponent
     initializers: dict[str, Initializer]  # by initializer name
     by_key: dict[str, str]  # checkpoint key -> initializer name
+    stacked: dict[str, ExpertRows] = field(default_factory=dict)  # checkpoint key -> its rows in an `ort` stack
 
     @classmethod
     def of(cls, folder: str | Path, manifest: Manifest) -> "FolderWeights":
@@ -70,25 +74,46 @@ class FolderWeights:
         initializers = read_initializers(manifest.file_path(folder, "transformer"))
         by_key = {key: name for name, key in entry.initializer_map.items()
                   if name in initializers and not key.startswith("computed:")}
-        return cls(folder, manifest, entry, initializers, by_key)
+        stacked = {}
+        for name, key in entry.initializer_map.items():
+            shape = initializers[name].shape if name in initializers else ()
+            # the stack's own expert count, so each key's place is always inside it
+            fused = fused_weight(name, shape[0]) if key == f"computed:{name}" and len(shape) == 3 else None
+            if entry.moe_lowering == "ort" and fused is not None:
+                stacked.update(fused.rows())
+        return cls(folder, manifest, entry, initializers, by_key, stacked)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of checkpoint weight `key` as this folder holds it."""
+        if key in self.by_key:
+            return self.initializers[self.by_key[key]].shape
+        rows = self.stacked[key]
+        _, height, cols = self.initializers[rows.name].shape
+        return (height // rows.parts, cols)
+
+    def holder(self, key: str) -> str:
+        """The initializer that holds checkpoint weight `key`."""
+        return self.by_key[key] if key in self.by_key else self.stacked[key].name
 
     def check(self, lora_set: LoraSet) -> None:
         """Refuse, in one line, LoRAs this folder's transformer cannot take at load time."""
         model = f"the transformer of {self.folder}"
-        absent = [k for k in lora_set.keys if k not in self.by_key]
+        absent = [k for k in lora_set.keys if k not in self.by_key and k not in self.stacked]
         # A streaming export writes every checkpoint weight as an initializer of the same name (the export
-        # checks it); one that renames any (a plain export's folded or stacked weights, experts a lowering
-        # rearranges) cannot tell a weight it rearranged from one the model lacks.
+        # checks it) or into an `ort` expert stack; one that renames any otherwise (a plain export's folded or
+        # stacked weights) cannot tell a weight it rearranged from one the model lacks.
+        stacks = {rows.name for rows in self.stacked.values()}
         keeps_names = self.entry.streaming and all(
-            name == key or name.startswith("rope.") for name, key in self.entry.initializer_map.items())
+            name == key or name.startswith("rope.") or name in stacks
+            for name, key in self.entry.initializer_map.items())
         if absent and not keeps_names:
             shown = ", ".join(k.removesuffix(".weight") for k in absent[:3]) + (" ..." if len(absent) > 3 else "")
             raise RequestError(f"{self.folder}: its export has no initializer named after {len(absent)} LoRA module "
-                               f"weight(s) ({shown}): weights it folded or rearranged (a --no-streaming export, "
-                               f"stacked or interleaved experts) or not layers of this transformer; fuse the LoRA at "
+                               f"weight(s) ({shown}): weights it folded or rearranged (a --no-streaming export's "
+                               f"folded weights or stacked experts) or not layers of this transformer; fuse the LoRA at "
                                f"build time instead (build/export --lora FILE)")
-        lora_set.check({k: self.initializers[n].shape for k, n in self.by_key.items()}, model)
-        inline = [k for k in lora_set.keys if self.initializers[self.by_key[k]].location is None]
+        lora_set.check({k: self.shape(k) for k in [*self.by_key, *self.stacked]}, model)
+        inline = [k for k in lora_set.keys if self.initializers[self.holder(k)].location is None]
         if inline:
             raise RequestError(f"{self.folder}: the transformer keeps {', '.join(inline[:3])} inside its graph, where "
                                f"onnxruntime cannot replace it; fuse the LoRA at build time instead (--lora FILE)")
@@ -100,8 +125,20 @@ class FolderWeights:
         return initializer_value(self.manifest.file_path(self.folder, "transformer", rel), init)
 
     def overrides(self, lora_set: LoraSet) -> dict[str, np.ndarray]:
-        """initializer name -> the folder's weight + the LoRAs' delta, in the weight's dtype."""
-        return {self.by_key[k]: lora_set.fused(k, self.value(self.by_key[k])) for k in lora_set.keys}
+        """initializer name -> the folder's weight + the LoRAs' delta, in the weight's dtype. An `ort` expert
+        stack is copied whole (onnxruntime replaces whole initializers) and each adapted expert's rows are
+        changed in the copy."""
+        out = {}
+        for key in lora_set.keys:
+            if key in self.by_key:
+                out[self.by_key[key]] = lora_set.fused(key, self.value(self.by_key[key]))
+                continue
+            rows = self.stacked[key]
+            if rows.name not in out:
+                out[rows.name] = np.array(self.value(rows.name))
+            view = out[rows.name][rows.expert, rows.part::rows.parts]
+            view[...] = lora_set.fused(key, view)
+        return out
 
 
 def resolve(folder: str | Path, manifest: Manifest, requests: Iterable, current: AppliedLoras = AppliedLoras()
