@@ -7,7 +7,7 @@ Bounds, stated and measured (2026-11, this machine):
   com.microsoft.MoE node on onnxruntime 1.32.
 - bf16: ONNX Runtime's CPU provider has no bf16 TopK/MatMul kernels (the session refuses the graph), so
   the bf16 graph runs in onnx's ReferenceEvaluator instead. bf16 flips the top-2 of a few tokens (4 of
-  300 here: spec quirk 5), so elementwise bounds are measured against what PyTorch itself does in bf16:
+  300 here, where two experts' gate scores nearly tie), so elementwise bounds are measured against what PyTorch itself does in bf16:
   cosine >= 0.999 and max |err| <= 1.5 x PyTorch-bf16's own max |err| (measured: ONNX 0.17, PyTorch 0.22
   of max |ref|).
 """

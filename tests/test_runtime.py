@@ -585,7 +585,8 @@ def test_timings_cover_every_stage(fast):
 
 
 def test_official_flavour_keeps_the_last_sample(fast_dir):
-    """Spec quirk 6: the official flash scheduler returns x at sigma_{N-1} instead of x0."""
+    """The official repository's flash scheduler returns the noisy sample at sigma_{N-1} on its last step
+    instead of the x0 prediction."""
     official = Pipeline.from_dir(fast_dir, scheduler_flavour="official", threads=1, progress=False)
     x = np.random.default_rng(2).standard_normal((1, C, 16, 16), dtype=np.float32)
     captured = []
