@@ -27,8 +27,9 @@ import numpy as np
 
 from hidream_export.errors import BackendUnavailable, ManifestError, RequestError
 from hidream_export.manifest import Component, Manifest, OnnxComponent
-from hidream_export.runtime.device import Device, DeviceArray, device_for
-from hidream_export.runtime.ort_kernels import check_providers
+from hidream_export.runtime.device import (ORT_ELEMENT_NAMES, Device, DeviceArray, bfloat16_dtype, device_for,
+                                           numpy_dtype)
+from hidream_export.runtime.ort_kernels import check_providers, provider_names
 
 # `--provider` names: the provider lists they stand for, most preferred first.
 PROVIDER_SHORTHANDS = {"cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"), "cpu": ("CPUExecutionProvider",)}
@@ -80,7 +81,8 @@ class Backend(abc.ABC):
         its folder by `Manifest.file_path`). `initializers` (ONNX initializer name -> value) replace those
         weights of the graph in this session only (LoRAs applied at load time; the files are unchanged)."""
 
-    def update_initializers(self, session: Session, path: Path, entry: Component, initializers: Mapping[str, np.ndarray],
+    def update_initializers(self, session: Session, path: Path, entry: Component,
+                            initializers: Mapping[str, np.ndarray],
                             restore: Mapping[str, np.ndarray]) -> Session:
         """The session for `entry` running with `initializers` in place of the graph's own, after `session`
         ran with another set; `restore` has the files' values of initializers that set replaced and this one
@@ -95,30 +97,7 @@ class Backend(abc.ABC):
 
 # --- onnxruntime ------------------------------------------------------------------------------------
 
-# ONNX tensor element types as onnxruntime spells them, to the numpy dtypes we feed. bfloat16 has no
-# numpy dtype; it is fed through ml_dtypes (see OrtSession._feed).
-_ORT_TYPES: dict[str, Any] = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-    "tensor(bfloat16)": "bfloat16",
-}
 _ONNX_BFLOAT16 = 16  # TensorProto.BFLOAT16, without importing onnx
-
-
-def _bfloat16_dtype():
-    try:
-        import ml_dtypes
-    except ImportError:
-        raise BackendUnavailable(
-            "this model takes or returns bfloat16 tensors, which numpy cannot hold; install ml_dtypes "
-            "(pip install ml_dtypes) or export the model as fp16/fp32") from None
-    return np.dtype(ml_dtypes.bfloat16)
 
 
 class OrtSession:
@@ -153,11 +132,10 @@ class OrtSession:
                                 f"unexpected {extra}")
 
     def _feed(self, name: str, value: Any) -> np.ndarray:
-        kind = _ORT_TYPES.get(self.input_types[name])
+        kind = ORT_ELEMENT_NAMES.get(self.input_types[name])
         if kind is None:  # an exotic type: let onnxruntime judge the array as given
             return np.ascontiguousarray(value)
-        dtype = _bfloat16_dtype() if kind == "bfloat16" else np.dtype(kind)
-        return np.ascontiguousarray(value, dtype=dtype)
+        return np.ascontiguousarray(value, dtype=numpy_dtype(kind))
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         self._check_names(feeds)
@@ -173,14 +151,13 @@ class OrtSession:
         self._check_names(feeds)
         binding = self._session.io_binding()
         for name, value in feeds.items():
-            kind = _ORT_TYPES.get(self.input_types[name])
+            kind = ORT_ELEMENT_NAMES.get(self.input_types[name])
             if kind is None:
                 raise ManifestError(f"{self.path}: input {name!r} has type {self.input_types[name]}, which the "
                                     f"I/O-bound loop cannot feed")
-            dtype = _bfloat16_dtype() if kind == "bfloat16" else np.dtype(kind)
             if not isinstance(value, DeviceArray):
                 value = device.upload(np.asarray(value))
-            binding.bind_ortvalue_input(name, value.astype(dtype, copy=False).value)
+            binding.bind_ortvalue_input(name, value.astype(numpy_dtype(kind), copy=False).value)
         for name in self.output_names:
             binding.bind_output(name, device.device_type, device.device_id)
         self._session.run_with_iobinding(binding)
@@ -214,7 +191,7 @@ def _copy_bfloat16(value: Any) -> np.ndarray:
     words = np.empty(n, dtype=np.uint16)
     if n:
         ctypes.memmove(words.ctypes.data, value.data_ptr(), 2 * n)
-    return words.view(_bfloat16_dtype()).reshape(shape)
+    return words.view(bfloat16_dtype()).reshape(shape)
 
 
 class OrtBackend(Backend):
@@ -241,7 +218,7 @@ class OrtBackend(Backend):
             providers = [p for p in self._DEFAULT_ORDER if p in available]
         else:
             providers = list(providers)
-            names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+            names = provider_names(providers)
             unknown = [n for n in names if n not in available]
             if "CUDAExecutionProvider" in unknown:
                 raise BackendUnavailable(
@@ -258,7 +235,7 @@ class OrtBackend(Backend):
         self.log_severity = log_severity
 
     def describe(self) -> str:
-        names = [p[0] if isinstance(p, (tuple, list)) else p for p in self.providers]
+        names = provider_names(self.providers)
         threads = "" if self.threads is None else f", {self.threads} threads"
         return f"ort {self._ort.__version__} ({', '.join(names)}{threads})"
 

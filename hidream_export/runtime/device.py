@@ -24,7 +24,8 @@ import numpy as np
 
 from hidream_export.errors import BackendUnavailable
 
-__all__ = ["Device", "DeviceArray", "concat_rows", "device_for", "op_model_bytes"]
+__all__ = ["ORT_ELEMENT_NAMES", "Device", "DeviceArray", "bfloat16_dtype", "concat_rows", "device_for", "numpy_dtype",
+           "op_model_bytes"]
 
 # The operator set the one-operator graphs use; every operator below has had its current form since 13.
 _OPSET = 17
@@ -153,27 +154,36 @@ class Device:
                 binding.bind_cpu_input(f"x{i}", np.ascontiguousarray(x))
         binding.bind_output("y", self.device_type, self.device_id)
         session.run_with_iobinding(binding)
-        return DeviceArray(self, binding.get_outputs()[0], np.dtype(_numpy_dtype(out_dtype)))
+        return DeviceArray(self, binding.get_outputs()[0], numpy_dtype(out_dtype))
 
 
-def _numpy_dtype(name: str):
-    if name == "bfloat16":
+def bfloat16_dtype() -> np.dtype:
+    """ml_dtypes' bfloat16 (numpy has none), or one line saying what to install."""
+    try:
         import ml_dtypes
+    except ImportError:
+        raise BackendUnavailable(
+            "this model takes or returns bfloat16 tensors, which numpy cannot hold; install ml_dtypes "
+            "(pip install ml_dtypes) or export the model as fp16/fp32") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
-        return ml_dtypes.bfloat16
-    return name
+
+def numpy_dtype(name: str) -> np.dtype:
+    """A numpy dtype by name, bfloat16 included."""
+    return bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
 
 
-_ORT_ELEMENT_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-                      "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
-                      "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+# ONNX tensor element types as onnxruntime spells them (session inputs, OrtValues), by numpy dtype name.
+ORT_ELEMENT_NAMES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+                     "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+                     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
 def _dtype_of(value: Any) -> np.dtype:
-    name = _ORT_ELEMENT_NAMES.get(value.data_type())
+    name = ORT_ELEMENT_NAMES.get(value.data_type())
     if name is None:
         raise TypeError(f"an OrtValue of type {value.data_type()} is not a DeviceArray dtype")
-    return np.dtype(_numpy_dtype(name))
+    return numpy_dtype(name)
 
 
 def _operator(op_type: str, reflected: bool = False):
