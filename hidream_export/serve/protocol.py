@@ -25,13 +25,13 @@ repository (config.pbtxt), the client and the benchmark all read these tables. T
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hidream_export.errors import RequestError
+from hidream_export.errors import HiDreamExportError, RequestError, one_line
+from hidream_export.lora import LoraRequest
 from hidream_export.runtime.pipeline import GenerationRequest
 
 __all__ = ["INPUTS", "OUTPUTS", "MAX_PROMPT_BYTES", "SERVER_INPUTS", "WireTensor", "encode_result", "format_loras",
@@ -123,19 +123,15 @@ def lora_list(text: str, field: str = "lora") -> tuple[tuple[str, float], ...]:
     """ "NAME[:SCALE][,NAME[:SCALE]...]" as ((file name, scale), ...); RequestError naming ``field``."""
     out = []
     for item in (part.strip() for part in str(text).strip().split(",")):
-        name, sep, tail = item.rpartition(":")
-        if not sep:
-            name, tail = item, "1"
         try:
-            scale = float(tail)
-        except ValueError:
-            raise RequestError(f"{field}: {item!r}: the scale after ':' must be a number") from None
-        if not math.isfinite(scale):
-            raise RequestError(f"{field}: {item!r}: the scale must be finite")
-        if not name or name in (".", "..") or "/" in name or "\\" in name or not name.endswith(".safetensors"):
+            request = LoraRequest.parse(item, field)  # the FILE[:SCALE] rule of --lora
+        except HiDreamExportError as exc:  # a scale that is not finite
+            raise RequestError(one_line(exc)) from None
+        name = str(request.path)
+        if request.path.name != name or name in (".", "..") or "\\" in name or not name.endswith(".safetensors"):
             raise RequestError(f"{field}: {item!r}: expected NAME.safetensors[:SCALE], NAME a file in the server's LoRA "
                                f"folder (no path)")
-        out.append((name, scale))
+        out.append((name, request.scale))
     return tuple(out)
 
 
